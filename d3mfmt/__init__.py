@@ -1,0 +1,50 @@
+"""d3mfmt: the .d3m distilled-dataset format (D3M, arXiv 2403.07142).
+
+The core (this namespace) reads, validates and writes archives with numpy,
+safetensors and zstandard only; torch and diffusers are imported lazily by the
+modules that make pixels.
+
+Example:
+    >>> import d3mfmt
+    >>> archive = d3mfmt.load_file("spec/vectors/topk.d3m")   # doctest: +SKIP
+    >>> archive.labels.dense().sum(axis=1)                    # doctest: +SKIP
+"""
+
+from .archive import Archive, content_hash, load, load_file, save, save_file
+from .errors import D3MError, D3MFormatError, D3MModelError
+from .labels import LabelEncoding, LabelTable, encode as encode_labels
+from .manifest import (
+    ClassInfo,
+    DatasetInfo,
+    EmbeddingInfo,
+    GeneratorInfo,
+    Manifest,
+    ModelRef,
+    SourceInfo,
+    TeacherInfo,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Archive",
+    "ClassInfo",
+    "D3MError",
+    "D3MFormatError",
+    "D3MModelError",
+    "DatasetInfo",
+    "EmbeddingInfo",
+    "GeneratorInfo",
+    "LabelEncoding",
+    "LabelTable",
+    "Manifest",
+    "ModelRef",
+    "SourceInfo",
+    "TeacherInfo",
+    "content_hash",
+    "encode_labels",
+    "load",
+    "load_file",
+    "save",
+    "save_file",
+]

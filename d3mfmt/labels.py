@@ -1,0 +1,255 @@
+"""Soft-label codec: encodings, their byte layout, and the zstd framing.
+
+A label table holds one probability vector over the archive's classes for every
+patch (``rows = classes * ipc * grid**2``, row ``(c * ipc + i) * grid**2 + j``).
+Three encodings exist (``ENCODINGS``); spec/SPEC.md ("Label encoding") is the
+authority on their bytes and on the decode rule implemented in ``decode_dense``.
+
+Example:
+    >>> import numpy as np
+    >>> probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
+    >>> table = encode(probs, LabelEncoding(kind="topk", k=2, values="f16"))
+    >>> table.dense().round(2).tolist()
+    [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from .errors import D3MFormatError
+
+# Value codecs: name -> (stored dtype, allowed in which encodings).
+VALUE_CODECS = {
+    "f32": np.dtype("<f4"),  # dense only: full precision, to price the encoding
+    "f16": np.dtype("<f2"),
+    "u8": np.dtype("u1"),  # q = round(255 * p)
+    "u8sqrt": np.dtype("u1"),  # q = round(255 * sqrt(p)): finer steps near 0
+}
+DENSE_VALUE_CODECS = ("f32", "f16")
+TOPK_VALUE_CODECS = ("f16", "u8", "u8sqrt")
+INDEX_DTYPES = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+ENCODINGS = ("dense", "topk", "hard")
+
+ZSTD_LEVEL = 19
+MAX_LABEL_PAYLOAD = 1 << 31  # decompressed bytes; see SPEC.md "Limits"
+
+
+@dataclass(frozen=True)
+class LabelEncoding:
+    """How the label table is stored.
+
+    Args:
+        kind: ``"dense"`` (every class), ``"topk"`` (k largest + rest spread
+            evenly) or ``"hard"`` (one class index, decoded one-hot).
+        k: entries kept per row for ``topk`` (1 for ``hard``, None for dense).
+        values: value codec name (``VALUE_CODECS``); ``None`` for ``hard``.
+        temperature: softmax temperature the teacher's logits were divided by
+            (recorded, not used by decoding).
+    """
+
+    kind: str = "topk"
+    k: int | None = 5
+    values: str | None = "u8sqrt"
+    temperature: float = 1.0
+
+    def check(self, num_classes: int) -> None:
+        """Raise D3MFormatError unless this encoding is valid for ``num_classes``."""
+        where = "manifest.json: labels"
+        if self.kind not in ENCODINGS:
+            raise D3MFormatError(f"{where}.encoding must be one of {list(ENCODINGS)}, got {self.kind!r}")
+        if self.kind == "hard":
+            if self.values is not None or self.k != 1:
+                raise D3MFormatError(f"{where}: encoding 'hard' takes k=1 and values=null, got k={self.k}, values={self.values!r}")
+        elif self.kind == "dense":
+            if self.values not in DENSE_VALUE_CODECS:
+                raise D3MFormatError(f"{where}.values must be one of {list(DENSE_VALUE_CODECS)} for dense, got {self.values!r}")
+            if self.k is not None:
+                raise D3MFormatError(f"{where}.k must be null for dense, got {self.k}")
+        else:
+            if self.values not in TOPK_VALUE_CODECS:
+                raise D3MFormatError(f"{where}.values must be one of {list(TOPK_VALUE_CODECS)} for topk, got {self.values!r}")
+            if not 1 <= self.k <= num_classes:
+                raise D3MFormatError(f"{where}.k must be in 1..{num_classes} for topk, got {self.k}")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise D3MFormatError(f"{where}.temperature must be a positive finite number, got {self.temperature}")
+
+    def index_dtype(self, num_classes: int) -> str | None:
+        """The narrowest index dtype that holds every class index (None for dense)."""
+        if self.kind == "dense":
+            return None
+        for name, dtype in INDEX_DTYPES.items():
+            if num_classes - 1 <= np.iinfo(dtype).max:
+                return name
+        raise D3MFormatError(f"too many classes for an index: {num_classes}")
+
+    def payload_size(self, rows: int, num_classes: int) -> int:
+        """Bytes of the uncompressed payload for ``rows`` label rows."""
+        value_bytes = 0 if self.values is None else VALUE_CODECS[self.values].itemsize
+        if self.kind == "dense":
+            return rows * num_classes * value_bytes
+        index_bytes = INDEX_DTYPES[self.index_dtype(num_classes)].itemsize
+        return rows * self.k * (index_bytes + value_bytes)
+
+
+@dataclass(frozen=True, eq=False)
+class LabelTable:
+    """Decoded-on-demand label rows: ``indices`` [rows, k] and/or ``values``."""
+
+    encoding: LabelEncoding
+    num_classes: int
+    indices: np.ndarray | None  # [rows, k] (topk), [rows] (hard), None (dense)
+    values: np.ndarray | None  # [rows, k] (topk), [rows, C] (dense), None (hard)
+
+    @property
+    def rows(self) -> int:
+        return len(self.indices if self.indices is not None else self.values)
+
+    def dense(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Decode rows (all by default) to float32 probabilities [n, C] summing to 1."""
+        sel = slice(None) if rows is None else rows
+        return decode_dense(
+            self.encoding,
+            self.num_classes,
+            None if self.indices is None else self.indices[sel],
+            None if self.values is None else self.values[sel],
+        )
+
+    def top1(self) -> np.ndarray:
+        """The most probable class of every row, int64 [rows]."""
+        if self.encoding.kind == "hard":
+            return self.indices.astype(np.int64)
+        if self.encoding.kind == "dense":
+            return self.values.argmax(axis=1).astype(np.int64)
+        best = _decode_values(self.encoding.values, self.values).argmax(axis=1)
+        return self.indices[np.arange(len(best)), best].astype(np.int64)
+
+    def payload(self) -> bytes:
+        """The uncompressed payload bytes (indices first, then values)."""
+        parts = [a.tobytes() for a in (self.indices, self.values) if a is not None]
+        return b"".join(parts)
+
+
+def _quantize_values(codec: str, probs: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> stored values of ``codec``."""
+    probs = np.clip(probs.astype(np.float64), 0.0, 1.0)
+    if codec == "u8":
+        return np.rint(probs * 255.0).astype(np.uint8)
+    if codec == "u8sqrt":
+        return np.rint(np.sqrt(probs) * 255.0).astype(np.uint8)
+    return probs.astype(VALUE_CODECS[codec])
+
+
+def _decode_values(codec: str, stored: np.ndarray) -> np.ndarray:
+    """Stored values -> float64 probabilities (before the remaining-mass rule)."""
+    if codec == "u8":
+        return stored.astype(np.float64) / 255.0
+    if codec == "u8sqrt":
+        return np.square(stored.astype(np.float64) / 255.0)
+    return stored.astype(np.float64)
+
+
+def encode(probs: np.ndarray, encoding: LabelEncoding) -> LabelTable:
+    """Encode probability rows [rows, C] (each summing to ~1) with ``encoding``.
+
+    Top-k keeps the k largest entries per row, ordered by descending
+    probability with ties broken by the lower class index, so the same input
+    always gives the same bytes.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 2 or not np.all(np.isfinite(probs)) or np.any(probs < 0):
+        raise D3MFormatError("labels must be a finite, non-negative [rows, classes] array")
+    rows, num_classes = probs.shape
+    encoding.check(num_classes)
+    if encoding.kind == "dense":
+        return LabelTable(encoding, num_classes, None, _quantize_values(encoding.values, probs))
+    index_dtype = INDEX_DTYPES[encoding.index_dtype(num_classes)]
+    # stable sort on -p: descending probability, ties -> lower index first
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : encoding.k]
+    if encoding.kind == "hard":
+        return LabelTable(encoding, num_classes, order[:, 0].astype(index_dtype), None)
+    kept = np.take_along_axis(probs, order, axis=1)
+    return LabelTable(encoding, num_classes, order.astype(index_dtype), _quantize_values(encoding.values, kept))
+
+
+def decode_dense(encoding: LabelEncoding, num_classes: int, indices, values) -> np.ndarray:
+    """The spec's decode rule: stored rows -> float32 [n, C] summing to 1."""
+    if encoding.kind == "hard":
+        out = np.zeros((len(indices), num_classes), dtype=np.float32)
+        out[np.arange(len(indices)), indices.astype(np.int64)] = 1.0
+        return out
+    p = _decode_values(encoding.values, values)
+    if encoding.kind == "dense":
+        total = p.sum(axis=1, keepdims=True)
+        return (p / total).astype(np.float32)
+    n, k = p.shape
+    listed = p.sum(axis=1, keepdims=True)
+    rest = np.maximum(0.0, 1.0 - listed) if k < num_classes else np.zeros_like(listed)
+    out = np.repeat(rest / max(num_classes - k, 1), num_classes, axis=1)
+    np.put_along_axis(out, indices.astype(np.int64), p, axis=1)
+    return (out / (listed + rest)).astype(np.float32)
+
+
+def compress(table: LabelTable) -> bytes:
+    """One zstd frame (level 19, content size in the header) of the payload."""
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True)
+    return cctx.compress(table.payload())
+
+
+def decompress(frame: bytes, encoding: LabelEncoding, rows: int, num_classes: int) -> LabelTable:
+    """Check, decompress and validate a label member; raise D3MFormatError."""
+    where = "labels.zst"
+    expected = encoding.payload_size(rows, num_classes)
+    if expected > MAX_LABEL_PAYLOAD:
+        raise D3MFormatError(f"{where}: payload of {expected} bytes exceeds the limit of {MAX_LABEL_PAYLOAD}")
+    # 1. the frame header must declare exactly the size the manifest implies,
+    #    checked before anything is allocated for the output
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise D3MFormatError(f"{where}: not a zstd frame ({exc})") from None
+    if declared != expected:
+        shown = "no size" if declared < 0 else f"{declared} bytes"
+        raise D3MFormatError(f"{where}: zstd frame declares {shown}, the manifest implies {expected} bytes")
+    # 2. decode exactly one frame, nothing after it
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        payload = dobj.decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise D3MFormatError(f"{where}: corrupt zstd frame ({exc})") from None
+    if not dobj.eof or dobj.unused_data or len(payload) != expected:
+        raise D3MFormatError(f"{where}: expected exactly one complete zstd frame of {expected} bytes")
+    # 3. split the payload and check every entry
+    return _parse_payload(payload, encoding, rows, num_classes)
+
+
+def _parse_payload(payload: bytes, encoding: LabelEncoding, rows: int, num_classes: int) -> LabelTable:
+    """Payload bytes -> LabelTable, checking indices and values."""
+    where = "labels.zst"
+    indices = values = None
+    offset = 0
+    if encoding.kind != "dense":
+        idx_dtype = INDEX_DTYPES[encoding.index_dtype(num_classes)]
+        shape = (rows,) if encoding.kind == "hard" else (rows, encoding.k)
+        indices = np.frombuffer(payload, dtype=idx_dtype, count=int(np.prod(shape)), offset=0).reshape(shape)
+        offset = indices.nbytes
+        if indices.size and int(indices.max()) >= num_classes:
+            raise D3MFormatError(f"{where}: class index {int(indices.max())} >= number of classes {num_classes}")
+        if encoding.kind == "topk" and encoding.k > 1:
+            ordered = np.sort(indices, axis=1)
+            if np.any(ordered[:, 1:] == ordered[:, :-1]):
+                raise D3MFormatError(f"{where}: a row lists the same class index twice")
+    if encoding.values is not None:
+        val_dtype = VALUE_CODECS[encoding.values]
+        width = num_classes if encoding.kind == "dense" else encoding.k
+        values = np.frombuffer(payload, dtype=val_dtype, count=rows * width, offset=offset).reshape(rows, width)
+        if val_dtype.kind == "f":
+            if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
+                raise D3MFormatError(f"{where}: label values must be finite probabilities in [0, 1]")
+        if encoding.kind == "dense" or encoding.k == num_classes:  # no remaining mass to spread
+            if rows and np.any(_decode_values(encoding.values, values).sum(axis=1) <= 0):
+                raise D3MFormatError(f"{where}: a row has no probability mass")
+    return LabelTable(encoding, num_classes, indices, values)

@@ -1,0 +1,408 @@
+"""The manifest: typed, frozen sections, parsed and checked field by field.
+
+``Manifest.from_json`` accepts exactly what spec/SPEC.md ("Manifest fields")
+allows and raises ``D3MFormatError`` naming the field otherwise; unknown keys
+are ignored (a minor version may add optional ones). ``Manifest.to_json`` gives
+the canonical bytes the writer stores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+from .errors import D3MFormatError
+from .labels import LabelEncoding
+
+FORMAT_NAME = "d3m"
+FORMAT_VERSION = (1, 0)
+
+# Limits (SPEC.md "Limits"): checked before anything is allocated from them.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_CLASSES = 100_000
+MAX_IPC = 10_000
+MAX_GRID = 16
+MAX_VECTORS = 64
+MAX_DIM = 16_384
+MAX_IMAGE_SIDE = 4096
+MAX_STEPS = 1000
+MAX_ROWS = 1 << 28  # label rows = classes * ipc * grid**2
+MAX_FINGERPRINT_SIDE = 16
+MAX_TEXT = 4096  # characters in a free-text field
+
+EMBEDDING_DTYPES = ("float16", "float32")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+RNG_RULE = "torch-cpu-float32"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: a stable id (e.g. a WordNet id) and a human-readable name."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the real images came from."""
+
+    name: str
+    fingerprint: str | None = None  # e.g. "sha256:<hex>" of the source listing
+    license: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    classes: tuple[ClassInfo, ...]
+    ipc: int  # distilled images per class
+    grid: int  # each image is a grid x grid collage of patches
+    source: SourceInfo | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def patches_per_image(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def num_images(self) -> int:
+        return self.num_classes * self.ipc
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_images * self.patches_per_image
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The diffusion model: hub-style id or built-in id, revision, content hash."""
+
+    id: str
+    revision: str | None = None
+    identity: str | None = None  # "sha256:<hex>" over the model files
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """Everything the regeneration rule (SPEC.md "Regeneration") needs."""
+
+    model: ModelRef
+    scheduler: str  # diffusers scheduler class name, deterministic (e.g. DDIMScheduler)
+    scheduler_config: dict
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    latent_shape: tuple[int, int, int]
+    prompt_template: str
+    placeholder: str = "{token}"
+    negative_prompt: str = ""
+    eta: float = 0.0
+    dtype: str = "float32"  # compute dtype the builder labelled with
+    pipeline: str = "StableDiffusionPipeline"
+    rng: str = RNG_RULE
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    n_vectors: int
+    dim: int
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    name: str
+    identity: str | None = None
+    accuracy: float | None = None  # on real held-out data, in [0, 1]
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The typed manifest. ``members`` is filled in by the writer."""
+
+    dataset: DatasetInfo
+    generator: GeneratorInfo
+    embeddings: EmbeddingInfo
+    labels: LabelEncoding
+    teacher: TeacherInfo | None = None
+    fingerprint_size: int | None = None  # F of the [C, IPC, F, F] fingerprints
+    build: dict = field(default_factory=dict)
+    members: dict[str, MemberInfo] = field(default_factory=dict)
+    version: tuple[int, int] = FORMAT_VERSION
+
+    def with_members(self, members: dict[str, MemberInfo]) -> "Manifest":
+        return replace(self, members=dict(members))
+
+    def check(self) -> None:
+        """Cross-field checks; raise D3MFormatError."""
+        ds, gen = self.dataset, self.generator
+        if ds.num_patches > MAX_ROWS:
+            raise D3MFormatError(f"manifest.json: classes * ipc * grid^2 = {ds.num_patches} exceeds {MAX_ROWS}")
+        if gen.height % ds.grid or gen.width % ds.grid:
+            raise D3MFormatError(
+                f"manifest.json: generator.height/width ({gen.height}x{gen.width}) must be divisible by dataset.grid ({ds.grid})"
+            )
+        if self.fingerprint_size is not None and (gen.height % self.fingerprint_size or gen.width % self.fingerprint_size):
+            raise D3MFormatError(
+                f"manifest.json: fingerprints.size {self.fingerprint_size} must divide generator.height/width ({gen.height}x{gen.width})"
+            )
+        if gen.prompt_template.count(gen.placeholder) != 1:
+            raise D3MFormatError(
+                f"manifest.json: generator.prompt_template must contain generator.placeholder {gen.placeholder!r} exactly once, "
+                f"got {gen.prompt_template!r}"
+            )
+        if len({c.id for c in ds.classes}) != ds.num_classes:
+            raise D3MFormatError("manifest.json: dataset.classes ids must be unique")
+        self.labels.check(ds.num_classes)
+
+    # -- JSON ---------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        ds, gen, emb, lab = self.dataset, self.generator, self.embeddings, self.labels
+        return {
+            "format": FORMAT_NAME,
+            "version": f"{self.version[0]}.{self.version[1]}",
+            "dataset": {
+                "name": ds.name,
+                "classes": [{"id": c.id, "name": c.name} for c in ds.classes],
+                "ipc": ds.ipc,
+                "grid": ds.grid,
+                "source": None
+                if ds.source is None
+                else {"name": ds.source.name, "fingerprint": ds.source.fingerprint, "license": ds.source.license},
+            },
+            "generator": {
+                "pipeline": gen.pipeline,
+                "model": {"id": gen.model.id, "revision": gen.model.revision, "identity": gen.model.identity},
+                "scheduler": {"class": gen.scheduler, "config": gen.scheduler_config},
+                "steps": gen.steps,
+                "guidance_scale": gen.guidance_scale,
+                "eta": gen.eta,
+                "height": gen.height,
+                "width": gen.width,
+                "latent_shape": list(gen.latent_shape),
+                "dtype": gen.dtype,
+                "prompt_template": gen.prompt_template,
+                "placeholder": gen.placeholder,
+                "negative_prompt": gen.negative_prompt,
+                "rng": gen.rng,
+            },
+            "embeddings": {"n_vectors": emb.n_vectors, "dim": emb.dim, "dtype": emb.dtype},
+            "labels": {"encoding": lab.kind, "k": lab.k, "values": lab.values, "temperature": lab.temperature},
+            "teacher": None
+            if self.teacher is None
+            else {"name": self.teacher.name, "identity": self.teacher.identity, "accuracy": self.teacher.accuracy},
+            "fingerprints": None if self.fingerprint_size is None else {"size": self.fingerprint_size},
+            "members": {name: {"size": m.size, "sha256": m.sha256} for name, m in sorted(self.members.items())},
+            "build": self.build,
+        }
+
+    def to_json(self) -> bytes:
+        """Canonical bytes: sorted keys, 1-space indent, UTF-8, trailing newline."""
+        try:
+            text = json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise D3MFormatError(f"manifest.json: cannot be written as JSON ({exc})") from None
+        return (text + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Manifest":
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise D3MFormatError(f"manifest.json: {len(raw)} bytes exceeds the limit of {MAX_MANIFEST_BYTES}")
+        try:
+            doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
+            raise D3MFormatError(f"manifest.json: not valid UTF-8 JSON ({exc})") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc) -> "Manifest":
+        r = _Fields(doc, "")
+        if r.str("format") != FORMAT_NAME:
+            raise D3MFormatError(f"manifest.json: format must be {FORMAT_NAME!r}, got {doc.get('format')!r}")
+        version = parse_version(r.str("version"))
+        ds = r.obj("dataset")
+        classes = tuple(
+            ClassInfo(id=c.str("id", max_len=256), name=c.str("name", max_len=256))
+            for c in ds.list_of_obj("classes", 1, MAX_CLASSES)
+        )
+        src = ds.obj("source", optional=True)
+        dataset = DatasetInfo(
+            name=ds.str("name"),
+            classes=classes,
+            ipc=ds.int("ipc", 1, MAX_IPC),
+            grid=ds.int("grid", 1, MAX_GRID),
+            source=None
+            if src is None
+            else SourceInfo(src.str("name"), src.str("fingerprint", optional=True), src.str("license", optional=True)),
+        )
+        g = r.obj("generator")
+        model, sched = g.obj("model"), g.obj("scheduler")
+        generator = GeneratorInfo(
+            pipeline=g.str("pipeline"),
+            model=ModelRef(model.str("id"), model.str("revision", optional=True), model.str("identity", optional=True)),
+            scheduler=sched.str("class"),
+            scheduler_config=sched.raw_obj("config"),
+            steps=g.int("steps", 1, MAX_STEPS),
+            guidance_scale=g.num("guidance_scale", 0.0, 100.0),
+            eta=g.num("eta", 0.0, 0.0),
+            height=g.int("height", 1, MAX_IMAGE_SIDE),
+            width=g.int("width", 1, MAX_IMAGE_SIDE),
+            latent_shape=tuple(g.int_list("latent_shape", 3, 1, MAX_IMAGE_SIDE)),
+            dtype=g.choice("dtype", COMPUTE_DTYPES),
+            prompt_template=g.str("prompt_template"),
+            placeholder=g.str("placeholder", min_len=1),
+            negative_prompt=g.str("negative_prompt", min_len=0),
+            rng=g.choice("rng", (RNG_RULE,)),
+        )
+        e = r.obj("embeddings")
+        embeddings = EmbeddingInfo(
+            n_vectors=e.int("n_vectors", 1, MAX_VECTORS), dim=e.int("dim", 1, MAX_DIM), dtype=e.choice("dtype", EMBEDDING_DTYPES)
+        )
+        lab = r.obj("labels")
+        labels = LabelEncoding(
+            kind=lab.str("encoding"),
+            k=lab.int("k", 1, MAX_CLASSES, optional=True),
+            values=lab.str("values", optional=True),
+            temperature=lab.num("temperature", 1e-6, 1e6),
+        )
+        t = r.obj("teacher", optional=True)
+        teacher = (
+            None
+            if t is None
+            else TeacherInfo(t.str("name"), t.str("identity", optional=True), t.num("accuracy", 0.0, 1.0, optional=True))
+        )
+        fp = r.obj("fingerprints", optional=True)
+        members = {}
+        for name, m in r.obj("members").items():
+            sha = m.str("sha256")
+            if not _SHA256.match(sha):
+                raise D3MFormatError(f"manifest.json: members.{name}.sha256 must be 64 lowercase hex digits, got {sha!r}")
+            members[name] = MemberInfo(size=m.int("size", 0, 1 << 32), sha256=sha)
+        manifest = cls(
+            dataset=dataset,
+            generator=generator,
+            embeddings=embeddings,
+            labels=labels,
+            teacher=teacher,
+            fingerprint_size=None if fp is None else fp.int("size", 1, MAX_FINGERPRINT_SIDE),
+            build=r.raw_obj("build", optional=True) or {},
+            members=members,
+            version=version,
+        )
+        manifest.check()
+        return manifest
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """"MAJOR.MINOR" -> (major, minor); refuse a major this reader does not know."""
+    m = re.fullmatch(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})", text)
+    if not m:
+        raise D3MFormatError(f"manifest.json: version must look like '1.0', got {text!r}")
+    major, minor = int(m.group(1)), int(m.group(2))
+    if major != FORMAT_VERSION[0]:
+        raise D3MFormatError(
+            f"manifest.json: format major version {major} is not supported (expected {FORMAT_VERSION[0]}); "
+            "upgrade d3mfmt to read this archive"
+        )
+    return major, minor
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+class _Fields:
+    """Typed access to one JSON object, with the field path in every error."""
+
+    def __init__(self, doc, where: str):
+        if not isinstance(doc, dict):
+            raise D3MFormatError(f"manifest.json: {where or 'top level'} must be an object, got {type(doc).__name__}")
+        self.doc, self.where = doc, where
+
+    def _path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _get(self, key: str, optional: bool):
+        if key not in self.doc:
+            if optional:
+                return None
+            raise D3MFormatError(f"manifest.json: missing required field {self._path(key)}")
+        value = self.doc[key]
+        if value is None and not optional:
+            raise D3MFormatError(f"manifest.json: {self._path(key)} must not be null")
+        return value
+
+    def _fail(self, key: str, wanted: str, value) -> D3MFormatError:
+        return D3MFormatError(f"manifest.json: {self._path(key)} must be {wanted}, got {value!r}"[:500])
+
+    def str(self, key: str, *, optional: bool = False, min_len: int = 1, max_len: int = MAX_TEXT):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not min_len <= len(value) <= max_len:
+            raise self._fail(key, f"a string of {min_len}..{max_len} characters", value)
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]):
+        value = self._get(key, False)
+        if value not in allowed:
+            raise self._fail(key, f"one of {list(allowed)}", value)
+        return value
+
+    def int(self, key: str, lo: int, hi: int, *, optional: bool = False):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self._fail(key, f"an integer in {lo}..{hi}", value)
+        return value
+
+    def num(self, key: str, lo: float, hi: float, *, optional: bool = False):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and lo <= value <= hi):
+            raise self._fail(key, f"a number in [{lo}, {hi}]", value)
+        return float(value)
+
+    def int_list(self, key: str, length: int, lo: int, hi: int) -> list[int]:
+        value = self._get(key, False)
+        ok = isinstance(value, list) and len(value) == length
+        ok = ok and all(not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi for v in value)
+        if not ok:
+            raise self._fail(key, f"a list of {length} integers in {lo}..{hi}", value)
+        return value
+
+    def obj(self, key: str, *, optional: bool = False) -> "_Fields | None":
+        value = self._get(key, optional)
+        return None if value is None else _Fields(value, self._path(key))
+
+    def raw_obj(self, key: str, *, optional: bool = False) -> dict | None:
+        value = self._get(key, optional)
+        if value is not None and not isinstance(value, dict):
+            raise self._fail(key, "an object", value)
+        return value
+
+    def list_of_obj(self, key: str, lo: int, hi: int) -> list["_Fields"]:
+        value = self._get(key, False)
+        if not isinstance(value, list) or not lo <= len(value) <= hi:
+            raise self._fail(key, f"a list of {lo}..{hi} objects", type(value).__name__)
+        return [_Fields(v, f"{self._path(key)}[{i}]") for i, v in enumerate(value)]
+
+    def items(self):
+        return [(k, _Fields(v, self._path(k))) for k, v in self.doc.items()]

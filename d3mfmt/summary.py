@@ -1,0 +1,121 @@
+"""What ``d3m-inspect`` reports: a summary dict, its text rendering, and ``check``."""
+
+from __future__ import annotations
+
+from . import container
+from .archive import Archive, check_member, parse_tensors
+from .errors import D3MFormatError
+from .labels import decompress
+from .manifest import Manifest
+
+
+def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict:
+    """A JSON-able summary of a loaded archive.
+
+    Args:
+        archive: the loaded archive.
+        members: member name -> stored bytes, in archive order.
+        file_size: bytes of the whole file.
+    """
+    m = archive.manifest
+    ds, gen, emb, lab = m.dataset, m.generator, m.embeddings, m.labels
+    return {
+        "format_version": f"{m.version[0]}.{m.version[1]}",
+        "content_hash": archive.content_hash,
+        "file_bytes": file_size,
+        "bytes_per_class": round(file_size / ds.num_classes, 1),
+        "members": members,
+        "dataset": {
+            "name": ds.name,
+            "classes": ds.num_classes,
+            "class_ids": [c.id for c in ds.classes],
+            "class_names": [c.name for c in ds.classes],
+            "ipc": ds.ipc,
+            "grid": ds.grid,
+            "images": ds.num_images,
+            "patches": ds.num_patches,
+            "source": None if ds.source is None else vars(ds.source),
+        },
+        "generator": {
+            "pipeline": gen.pipeline,
+            "model": gen.model.id,
+            "revision": gen.model.revision,
+            "model_identity": gen.model.identity,
+            "scheduler": gen.scheduler,
+            "steps": gen.steps,
+            "guidance_scale": gen.guidance_scale,
+            "size": [gen.height, gen.width],
+            "latent_shape": list(gen.latent_shape),
+            "dtype": gen.dtype,
+            "prompt_template": gen.prompt_template,
+        },
+        "embeddings": {"n_vectors": emb.n_vectors, "dim": emb.dim, "dtype": emb.dtype},
+        "teacher": None if m.teacher is None else vars(m.teacher),
+        "labels": {
+            "encoding": lab.kind,
+            "k": lab.k,
+            "values": lab.values,
+            "temperature": lab.temperature,
+            "index_dtype": lab.index_dtype(ds.num_classes),
+            "bytes_per_patch": round(members[container.LABELS] / ds.num_patches, 2),
+        },
+        "fingerprints": None if m.fingerprint_size is None else {"size": m.fingerprint_size},
+    }
+
+
+def render_text(s: dict, max_names: int = 10) -> str:
+    """Human-readable rendering of ``summarize``'s dict."""
+    ds, gen, lab = s["dataset"], s["generator"], s["labels"]
+    names = ", ".join(f"{i}:{n}" for i, n in zip(ds["class_ids"][:max_names], ds["class_names"][:max_names]))
+    if ds["classes"] > max_names:
+        names += f", ... ({ds['classes'] - max_names} more)"
+    teacher = s["teacher"]
+    teacher_line = "none"
+    if teacher:
+        acc = "" if teacher["accuracy"] is None else f", held-out accuracy {teacher['accuracy']:.4f}"
+        teacher_line = f"{teacher['name']} ({teacher['identity'] or 'no identity'}{acc})"
+    k = "" if lab["k"] is None else f" k={lab['k']}"
+    values = "" if lab["values"] is None else f" values={lab['values']}"
+    lines = [
+        f"d3m archive, format {s['format_version']}, {s['file_bytes']:,} bytes ({s['bytes_per_class']:,} per class)",
+        f"content hash  {s['content_hash']}",
+        f"dataset       {ds['name']}: {ds['classes']} classes, ipc {ds['ipc']}, grid {ds['grid']}x{ds['grid']}, "
+        f"{ds['images']} images, {ds['patches']} patches",
+        f"classes       {names}",
+        f"generator     {gen['model']}" + (f"@{gen['revision']}" if gen["revision"] else "")
+        + f" ({gen['model_identity'] or 'no identity'})",
+        f"              {gen['pipeline']}, {gen['scheduler']}, {gen['steps']} steps, guidance {gen['guidance_scale']}, "
+        f"{gen['size'][0]}x{gen['size'][1]} px, latents {'x'.join(map(str, gen['latent_shape']))}, {gen['dtype']}",
+        f"              prompt {gen['prompt_template']!r}",
+        f"embeddings    {s['embeddings']['n_vectors']} x {s['embeddings']['dim']} {s['embeddings']['dtype']} per class",
+        f"teacher       {teacher_line}",
+        f"labels        {lab['encoding']}{k}{values} (T={lab['temperature']}), {lab['bytes_per_patch']} bytes/patch",
+        "members",
+    ]
+    lines += [f"  {name:<22}{size:>12,} bytes" for name, size in s["members"].items()]
+    return "\n".join(lines)
+
+
+def check(data: bytes) -> list[str]:
+    """Every problem found in archive bytes, one message each; [] when valid."""
+    try:
+        members = container.read_zip(data)
+        manifest = Manifest.from_json(members[container.MANIFEST])
+    except D3MFormatError as exc:
+        return [str(exc)]  # nothing further can be checked without these
+    problems = []
+    for name in container.PAYLOAD_MEMBERS:
+        try:
+            check_member(manifest, name, members[name])
+        except D3MFormatError as exc:
+            problems.append(str(exc))
+    ds = manifest.dataset
+    for stage in (
+        lambda: parse_tensors(manifest, members[container.TENSORS]),
+        lambda: decompress(members[container.LABELS], manifest.labels, ds.num_patches, ds.num_classes),
+    ):
+        try:
+            stage()
+        except D3MFormatError as exc:
+            problems.append(str(exc))
+    return problems
