@@ -60,7 +60,7 @@ def read_zip(data: bytes) -> dict[str, bytes]:
     # 2. central directory
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as exc:
         raise D3MFormatError(f"corrupt ZIP container ({exc}); the file may be truncated") from None
     infos = zf.infolist()
     names = [i.filename for i in infos]

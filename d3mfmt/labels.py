@@ -26,8 +26,8 @@ from .errors import D3MFormatError
 VALUE_CODECS = {
     "f32": np.dtype("<f4"),  # dense only: full precision, to price the encoding
     "f16": np.dtype("<f2"),
-    "u8": np.dtype("u1"),  # q = round(255 * p)
-    "u8sqrt": np.dtype("u1"),  # q = round(255 * sqrt(p)): finer steps near 0
+    "u8": np.dtype("u1"),  # q = floor(255 * p)
+    "u8sqrt": np.dtype("u1"),  # q = floor(255 * sqrt(p)): finer steps near 0
 }
 DENSE_VALUE_CODECS = ("f32", "f16")
 TOPK_VALUE_CODECS = ("f16", "u8", "u8sqrt")
@@ -134,13 +134,21 @@ class LabelTable:
 
 
 def _quantize_values(codec: str, probs: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> stored values of ``codec``."""
+    """Probabilities in [0, 1] -> stored values of ``codec``, rounded toward zero.
+
+    Rounding down makes every decoded value <= the true one, so the listed
+    mass never exceeds the true mass of those classes and the decode rule
+    gives the unlisted classes a positive share whenever they had one.
+    """
     probs = np.clip(probs.astype(np.float64), 0.0, 1.0)
     if codec == "u8":
-        return np.rint(probs * 255.0).astype(np.uint8)
+        return np.floor(probs * 255.0 + 1e-9).astype(np.uint8)
     if codec == "u8sqrt":
-        return np.rint(np.sqrt(probs) * 255.0).astype(np.uint8)
-    return probs.astype(VALUE_CODECS[codec])
+        return np.floor(np.sqrt(probs) * 255.0 + 1e-9).astype(np.uint8)
+    stored = probs.astype(VALUE_CODECS[codec])
+    too_big = stored.astype(np.float64) > probs
+    stored[too_big] = np.nextafter(stored[too_big], stored.dtype.type(0))
+    return stored
 
 
 def _decode_values(codec: str, stored: np.ndarray) -> np.ndarray:

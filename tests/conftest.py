@@ -1,0 +1,115 @@
+"""Shared fixtures. Tests never touch the network and never write to the working tree."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import io  # noqa: E402
+import json  # noqa: E402
+import zipfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import d3mfmt  # noqa: E402
+from d3mfmt import (  # noqa: E402
+    Archive,
+    ClassInfo,
+    DatasetInfo,
+    EmbeddingInfo,
+    GeneratorInfo,
+    LabelEncoding,
+    Manifest,
+    ModelRef,
+)
+
+
+def make_archive(
+    num_classes=3,
+    ipc=2,
+    grid=2,
+    n_vectors=1,
+    dim=8,
+    encoding=LabelEncoding(),
+    fingerprint_size=4,
+    seed=0,
+    emb_dtype="float16",
+) -> Archive:
+    """A small valid archive with peaked random labels."""
+    rng = np.random.default_rng(seed)
+    if encoding.kind == "topk" and encoding.k > num_classes:
+        encoding = LabelEncoding(encoding.kind, num_classes, encoding.values, encoding.temperature)
+    manifest = Manifest(
+        dataset=DatasetInfo("test", tuple(ClassInfo(f"c{i}", f"class {i}") for i in range(num_classes)), ipc, grid),
+        generator=GeneratorInfo(
+            model=ModelRef("d3m/tiny-mnist"),
+            scheduler="DDIMScheduler",
+            scheduler_config={"num_train_timesteps": 1000},
+            steps=4,
+            guidance_scale=1.0,
+            height=16 * grid,
+            width=16 * grid,
+            latent_shape=(4, 4 * grid, 4 * grid),
+            prompt_template="a photo of {token}",
+        ),
+        embeddings=EmbeddingInfo(n_vectors, dim, emb_dtype),
+        labels=encoding,
+        fingerprint_size=fingerprint_size,
+    )
+    rows = num_classes * ipc * grid * grid
+    logits = rng.normal(0, 2, (rows, num_classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return Archive(
+        manifest,
+        embeddings=rng.normal(0, 1, (num_classes, n_vectors, dim)).astype(emb_dtype),
+        seeds=rng.integers(0, 2**62, (num_classes, ipc), dtype=np.int64),
+        labels=d3mfmt.encode_labels(probs, encoding),
+        fingerprints=None
+        if fingerprint_size is None
+        else rng.integers(0, 256, (num_classes, ipc, fingerprint_size, fingerprint_size), dtype=np.uint8),
+    )
+
+
+def zip_members(entries, compress_type=zipfile.ZIP_STORED) -> bytes:
+    """A ZIP of (name, bytes) pairs, written without any of d3mfmt's checks."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = compress_type if name != "mimetype" else zipfile.ZIP_STORED
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def members_of(data: bytes) -> list:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return [(i.filename, zf.read(i)) for i in zf.infolist()]
+
+
+def with_manifest(data: bytes, mutate) -> bytes:
+    """Rewrite an archive's manifest through ``mutate(dict)`` (payload untouched)."""
+    entries = members_of(data)
+    doc = json.loads(entries[1][1])
+    mutate(doc)
+    entries[1] = ("manifest.json", json.dumps(doc).encode())
+    return zip_members(entries)
+
+
+def with_member(data: bytes, name: str, payload: bytes, fix_hash: bool = True) -> bytes:
+    """Replace a payload member; by default also fix its size and sha256 in the manifest."""
+    import hashlib
+
+    entries = [(n, payload if n == name else b) for n, b in members_of(data)]
+    out = zip_members(entries)
+    if fix_hash:
+        out = with_manifest(
+            out,
+            lambda d: d["members"].__setitem__(name, {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}),
+        )
+    return out
+
+
+@pytest.fixture
+def archive_bytes() -> bytes:
+    return d3mfmt.save(make_archive())

@@ -1,0 +1,235 @@
+"""The reader rejects every kind of broken archive with D3MFormatError naming the problem."""
+
+import json
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from conftest import make_archive, members_of, with_manifest, with_member, zip_members
+
+import d3mfmt
+from d3mfmt import D3MFormatError
+
+
+def rejects(data: bytes, match: str):
+    with pytest.raises(D3MFormatError, match=match):
+        d3mfmt.load(data)
+
+
+def test_truncated_at_every_offset(archive_bytes):
+    # every prefix: mostly caught by the magic check or the ZIP directory
+    for cut in range(0, len(archive_bytes), 7):
+        with pytest.raises(D3MFormatError):
+            d3mfmt.load(archive_bytes[:cut])
+
+
+def test_every_single_byte_flip_is_caught_or_harmless(archive_bytes):
+    # a flipped byte either fails loudly or (in ZIP padding fields the reader
+    # ignores) leaves the decoded content identical
+    ref = d3mfmt.load(archive_bytes)
+    for pos in range(len(archive_bytes)):
+        data = bytearray(archive_bytes)
+        data[pos] ^= 0x55
+        try:
+            a = d3mfmt.load(bytes(data))
+        except D3MFormatError:
+            continue
+        assert a.content_hash == ref.content_hash
+        np.testing.assert_array_equal(a.labels.dense(), ref.labels.dense())
+
+
+def test_wrong_magic_and_mimetype(archive_bytes):
+    rejects(b"GIF89a" + archive_bytes[6:], "not a .d3m archive")
+    rejects(b"", "not a .d3m archive")
+    entries = members_of(archive_bytes)
+    entries[0] = ("mimetype", b"application/zip")
+    rejects(zip_members(entries), "mimetype is not")
+    rejects(zip_members(entries[1:]), "not a .d3m archive")
+
+
+def test_deflated_member(archive_bytes):
+    rejects(zip_members(members_of(archive_bytes), zipfile.ZIP_DEFLATED), "must be STORED")
+
+
+def test_missing_extra_duplicate_and_traversal_members(archive_bytes):
+    entries = members_of(archive_bytes)
+    rejects(zip_members(entries[:3]), "members must be exactly")
+    rejects(zip_members(entries + [("extra.bin", b"x")]), "unexpected member 'extra.bin'")
+    rejects(zip_members(entries + [("../../etc/passwd", b"x")]), "unexpected member '../../etc/passwd'")
+    with pytest.warns(UserWarning):  # zipfile warns about the duplicate name it writes
+        dup = zip_members(entries + [entries[3]])
+    rejects(dup, "duplicate member names")
+    rejects(zip_members([entries[0], entries[2], entries[1], entries[3]]), "in that order")
+
+
+def test_invalid_json_and_non_object(archive_bytes):
+    entries = members_of(archive_bytes)
+    for bad, msg in [(b"{not json", "not valid UTF-8 JSON"), (b"\xff\xfe", "not valid UTF-8 JSON"),
+                     (b"[1, 2]", "top level must be an object"), (b'{"x": NaN}', "not valid UTF-8 JSON")]:
+        entries[1] = ("manifest.json", bad)
+        rejects(zip_members(entries), msg)
+
+
+def _set(path, value):
+    def mutate(doc):
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        if value is _DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return mutate
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "path, value, msg",
+    [
+        (("format",), "zip", "format must be 'd3m'"),
+        (("version",), "2.0", "major version 2 is not supported"),
+        (("version",), "1", "version must look like"),
+        (("dataset", "ipc"), -3, r"dataset.ipc must be an integer in 1\.\.10000, got -3"),
+        (("dataset", "ipc"), 10**12, "dataset.ipc must be an integer"),
+        (("dataset", "ipc"), True, "dataset.ipc must be an integer"),
+        (("dataset", "ipc"), _DELETE, "missing required field dataset.ipc"),
+        (("dataset", "grid"), 0, "dataset.grid"),
+        (("dataset", "classes"), [], "dataset.classes must be a list"),
+        (("dataset", "classes", 0, "id"), 5, r"dataset.classes\[0\].id must be a string"),
+        (("generator", "steps"), 2.5, "generator.steps"),
+        (("generator", "guidance_scale"), "high", "generator.guidance_scale"),
+        (("generator", "eta"), 1.0, "generator.eta"),
+        (("generator", "latent_shape"), [4, 8], "generator.latent_shape"),
+        (("generator", "rng"), "numpy", "generator.rng must be one of"),
+        (("generator", "dtype"), "int8", "generator.dtype"),
+        (("generator", "prompt_template"), "a photo", "must contain generator.placeholder"),
+        (("generator", "height"), 33, "divisible by dataset.grid"),
+        (("embeddings", "dim"), 0, "embeddings.dim"),
+        (("embeddings", "dtype"), "bfloat16", "embeddings.dtype"),
+        (("labels", "encoding"), "magic", "labels.encoding must be one of"),
+        (("labels", "k"), 99, r"k must be in 1\.\.3"),
+        (("members",), _DELETE, "missing required field members"),
+        (("members", "labels.zst", "sha256"), "XYZ", "sha256 must be 64 lowercase hex"),
+        (("members", "labels.zst", "size"), -1, "members.labels.zst.size"),
+        (("fingerprints", "size"), 3, "must divide generator.height"),
+    ],
+)
+def test_schema_violations_name_the_field(archive_bytes, path, value, msg):
+    rejects(with_manifest(archive_bytes, _set(path, value)), msg)
+
+
+def test_duplicate_class_ids(archive_bytes):
+    rejects(with_manifest(archive_bytes, lambda d: d["dataset"]["classes"][1].update(id="c0")), "ids must be unique")
+
+
+def test_unknown_keys_and_minor_versions_are_accepted(archive_bytes):
+    def mutate(doc):
+        doc["version"] = "1.7"
+        doc["future_field"] = {"anything": [1, 2]}
+        doc["generator"]["new_knob"] = 3
+
+    a = d3mfmt.load(with_manifest(archive_bytes, mutate))
+    assert a.manifest.version == (1, 7)
+
+
+def test_sha256_and_size_mismatch(archive_bytes):
+    entries = members_of(archive_bytes)
+    tampered = bytearray(entries[3][1])
+    tampered[-1] ^= 1
+    rejects(with_member(archive_bytes, "labels.zst", bytes(tampered), fix_hash=False), "labels.zst: sha256")
+    rejects(with_member(archive_bytes, "labels.zst", bytes(tampered) + b"x", fix_hash=False), "bytes, the manifest says")
+
+
+def _tensors(**arrays) -> bytes:
+    return safetensors.numpy.save(arrays)
+
+
+def test_tensor_dtype_shape_and_set_mismatch(archive_bytes):
+    a = d3mfmt.load(archive_bytes)
+    good = {"embeddings": a.embeddings, "seeds": a.seeds, "fingerprints": a.fingerprints}
+    cases = [
+        ({**good, "embeddings": a.embeddings.astype(np.float32)}, "tensor 'embeddings' is F32"),
+        ({**good, "seeds": a.seeds[:, :1].copy()}, r"tensor 'seeds' is I64 \[3, 1\]"),
+        ({k: v for k, v in good.items() if k != "fingerprints"}, "holds tensors"),
+        ({**good, "extra": a.seeds}, "holds tensors"),
+    ]
+    for tensors, msg in cases:
+        rejects(with_member(archive_bytes, "tensors.safetensors", _tensors(**tensors)), msg)
+
+
+def test_nan_inf_embeddings_and_negative_seeds(archive_bytes):
+    a = d3mfmt.load(archive_bytes)
+    for bad in (np.nan, np.inf):
+        emb = a.embeddings.copy()
+        emb[1, 0, 2] = bad
+        data = _tensors(embeddings=emb, seeds=a.seeds, fingerprints=a.fingerprints)
+        rejects(with_member(archive_bytes, "tensors.safetensors", data), "NaN or Inf")
+    seeds = a.seeds.copy()
+    seeds[0, 0] = -5
+    data = _tensors(embeddings=a.embeddings, seeds=seeds, fingerprints=a.fingerprints)
+    rejects(with_member(archive_bytes, "tensors.safetensors", data), "seeds must be in")
+
+
+def test_safetensors_header_lies(archive_bytes):
+    raw = bytearray(members_of(archive_bytes)[2][1])
+    huge = bytes(raw)
+    huge = struct.pack("<Q", 1 << 60) + huge[8:]
+    rejects(with_member(archive_bytes, "tensors.safetensors", huge), "header length")
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + header_len])
+    header["seeds"]["data_offsets"][1] += 8  # points past the buffer
+    blob = json.dumps(header).encode()
+    forged = struct.pack("<Q", len(blob)) + blob + bytes(raw[8 + header_len :])
+    rejects(with_member(archive_bytes, "tensors.safetensors", forged), "invalid safetensors data")
+    rejects(with_member(archive_bytes, "tensors.safetensors", b"\x01"), "truncated")
+
+
+def test_label_index_out_of_range_via_archive():
+    import zstandard
+
+    src = make_archive(num_classes=3, encoding=d3mfmt.LabelEncoding("topk", 2, "u8sqrt"))
+    data = d3mfmt.save(src)
+    rows = src.manifest.dataset.num_patches
+    payload = bytearray(src.labels.payload())
+    payload[0] = 3  # first index of the first row
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(payload))
+    rejects(with_member(data, "labels.zst", frame), "class index 3 >= number of classes 3")
+    assert rows == 24
+
+
+def test_overflowing_counts_are_bounded_before_allocation(archive_bytes):
+    import tracemalloc
+
+    def mutate(doc):
+        doc["dataset"]["ipc"] = 10_000
+        doc["dataset"]["grid"] = 16
+        doc["dataset"]["classes"] = [{"id": str(i), "name": str(i)} for i in range(30_000)]
+
+    data = with_manifest(archive_bytes, mutate)
+    tracemalloc.start()
+    rejects(data, "exceeds")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 << 20
+
+
+def test_manifest_size_cap(archive_bytes):
+    entries = members_of(archive_bytes)
+    entries[1] = ("manifest.json", b" " * ((16 << 20) + 1))
+    rejects(zip_members(entries), "exceeds the limit")
+
+
+def test_errors_are_value_errors_from_one_root():
+    assert issubclass(D3MFormatError, d3mfmt.D3MError) and issubclass(d3mfmt.D3MError, ValueError)
+    assert issubclass(d3mfmt.D3MModelError, d3mfmt.D3MError)
+
+
+def test_load_file_errors(tmp_path):
+    with pytest.raises(D3MFormatError, match="no such file"):
+        d3mfmt.load_file(tmp_path / "nope.d3m")
+    with pytest.raises(D3MFormatError, match="is a directory"):
+        d3mfmt.load_file(tmp_path)
