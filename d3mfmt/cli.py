@@ -39,5 +39,5 @@ def inspect_main(path: str, as_json: bool, check_only: bool) -> None:
     except D3MError as exc:
         _fail(str(exc))
     summary = summarize(archive, {name: len(b) for name, b in members.items()}, len(data))
-    click.echo(json.dumps(summary, indent=1, sort_keys=True) if as_json else render_text(summary))
+    click.echo(json.dumps(summary, indent=1) if as_json else render_text(summary))
 
