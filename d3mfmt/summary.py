@@ -63,7 +63,7 @@ def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict
     }
 
 
-def render_text(s: dict, max_names: int = 10) -> str:
+def render_text(s: dict, max_names: int = 6) -> str:
     """Human-readable rendering of ``summarize``'s dict."""
     ds, gen, lab = s["dataset"], s["generator"], s["labels"]
     names = ", ".join(f"{i}:{n}" for i, n in zip(ds["class_ids"][:max_names], ds["class_names"][:max_names]))
