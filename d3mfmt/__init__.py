@@ -48,3 +48,16 @@ __all__ = [
     "save",
     "save_file",
 ]
+
+
+def __getattr__(name: str):
+    # torch-backed pieces load on first use, so reading archives stays torch-free
+    if name == "D3MDataset":
+        from .dataset import D3MDataset
+
+        return D3MDataset
+    if name == "Regenerator":
+        from .generator import Regenerator
+
+        return Regenerator
+    raise AttributeError(f"module 'd3mfmt' has no attribute {name!r}")

@@ -1,8 +1,13 @@
-"""``d3m-inspect``: summarise and check .d3m archives. Data on stdout, problems on stderr."""
+"""``d3m-inspect``: summarise, check, verify, preview and export .d3m archives.
+
+Data on stdout, progress and problems on stderr. Reading modes (summary,
+``--json``, ``--check``) never import torch; the others load the diffusion model.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -13,17 +18,55 @@ from .errors import D3MError
 from .summary import check, render_text, summarize
 
 
+# transformers announces at import that torchvision is absent; a CLI user does not need that
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"d3m-inspect: {message}", err=True)
     sys.exit(code)
+
+
+def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[int]:
+    """'0,3,seven' -> class indices (by index, id or name)."""
+    if not spec:
+        return list(range(len(names)))
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.isdigit() and int(part) < len(names):
+            out.append(int(part))
+        elif part in ids:
+            out.append(ids.index(part))
+        elif part in names:
+            out.append(names.index(part))
+        else:
+            raise D3MError(f"--classes: {part!r} is not a class index (0..{len(names) - 1}), id or name of this archive")
+    return out
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("path", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--check", "check_only", is_flag=True, help="Validate everything; exit 0 if valid, 1 otherwise.")
-def inspect_main(path: str, as_json: bool, check_only: bool) -> None:
-    """Summarise the .d3m archive PATH."""
+@click.option("--verify", is_flag=True, help="Regenerate a sample and compare fingerprints; exit 1 beyond the tolerance.")
+@click.option("--n", "n_verify", type=int, default=8, show_default=True, help="Images --verify regenerates.")
+@click.option("--tolerance", type=int, default=None, help="--verify tolerance in 8-bit levels [default: 8].")
+@click.option("--preview", type=click.Path(dir_okay=False), help="Write a PNG grid of regenerated images, a row per class.")
+@click.option("--classes", help="Classes for --preview: comma-separated indices, ids or names.")
+@click.option("--per-class", type=int, default=8, show_default=True, help="Images per class in --preview.")
+@click.option("--export-images", type=click.Path(file_okay=False), help="Write PNGs in an ImageFolder layout.")
+@click.option("--unit", type=click.Choice(["patch", "image"]), default="patch", show_default=True,
+              help="--export-images writes patches or whole collages.")
+@click.option("--export-embeddings", type=click.Path(file_okay=False),
+              help="Write one diffusers textual-inversion file per class.")
+@click.option("--device", help="Rendering device [default: cuda if available, else cpu].")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Rendering dtype.")
+@click.option("--model", help="Model id or folder to render with instead of the archive's.")
+@click.option("--allow-model-mismatch", is_flag=True, help="Render even if the model differs from the pinned one.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Pixel cache folder.")
+def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview, classes, per_class,
+                 export_images, unit, export_embeddings, device, dtype, model, allow_model_mismatch, cache_dir) -> None:
+    """Summarise the .d3m archive PATH (and check, verify, preview or export it)."""
     try:
         data = container.read_bytes(path)
         if check_only:
@@ -36,8 +79,49 @@ def inspect_main(path: str, as_json: bool, check_only: bool) -> None:
             return
         members = container.read_zip(data)
         archive = load_members(members)
+        if not (verify or preview or export_images or export_embeddings):
+            summary = summarize(archive, {name: len(b) for name, b in members.items()}, len(data))
+            click.echo(json.dumps(summary, indent=1) if as_json else render_text(summary))
+            return
+        render = dict(model=model, device=device, dtype=dtype, allow_model_mismatch=allow_model_mismatch)
+        ok = True
+        if export_embeddings:
+            from .export import export_embeddings as write_embeddings
+
+            files = write_embeddings(archive, export_embeddings)
+            click.echo(f"wrote {len(files)} textual-inversion files to {export_embeddings}")
+        if verify:
+            ok = _verify(archive, n_verify, tolerance, render)
+        if preview or export_images:
+            from .dataset import D3MDataset
+
+            ds = D3MDataset(path, unit=unit, cache_dir=cache_dir, **render)
+            if preview:
+                from .export import preview_grid
+
+                names, ids = ds.classes, [c.id for c in archive.manifest.dataset.classes]
+                preview_grid(ds, _parse_classes(classes, names, ids), per_class).save(preview)
+                click.echo(f"wrote {preview}")
+            if export_images:
+                from .export import export_images as write_images
+
+                count = write_images(ds, export_images)
+                click.echo(f"wrote {count} PNGs to {export_images}")
+        if not ok:
+            sys.exit(1)
     except D3MError as exc:
         _fail(str(exc))
-    summary = summarize(archive, {name: len(b) for name, b in members.items()}, len(data))
-    click.echo(json.dumps(summary, indent=1) if as_json else render_text(summary))
+    except OSError as exc:
+        _fail(f"{exc.filename or path}: {exc.strerror or exc}")
 
+
+def _verify(archive, n: int, tolerance: int | None, render: dict) -> bool:
+    from .generator import Regenerator
+    from .verify import DEFAULT_TOLERANCE, check_verify, verify
+
+    check_verify(archive, n)
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, **render)
+    report = verify(archive, regen, n, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    for line in report.lines([c.name for c in archive.manifest.dataset.classes]):
+        click.echo(line)
+    return report.ok

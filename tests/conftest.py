@@ -113,3 +113,21 @@ def with_member(data: bytes, name: str, payload: bytes, fix_hash: bool = True) -
 @pytest.fixture
 def archive_bytes() -> bytes:
     return d3mfmt.save(make_archive())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Folder of a random tiny diffusers pipeline (see tests/tiny_pipeline.py)."""
+    from tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_archive_path(tiny_model, tmp_path_factory):
+    """A .d3m file for the tiny model: 3 classes, IPC 4, 2x2 grid, real fingerprints."""
+    from tiny_pipeline import archive_for
+
+    path = tmp_path_factory.mktemp("archives") / "tiny.d3m"
+    d3mfmt.save_file(archive_for(tiny_model), path)
+    return path

@@ -1,0 +1,236 @@
+"""``D3MDataset``: a torch map-style dataset that regenerates an archive's images.
+
+Example:
+    >>> from torch.utils.data import DataLoader
+    >>> from d3mfmt import D3MDataset
+    >>> ds = D3MDataset("mnist_ipc10.d3m")                      # doctest: +SKIP
+    >>> image, soft_label, label = ds[0]                         # patch 0 of image 0 of class 0
+    >>> loader = DataLoader(ds, batch_size=64, shuffle=True)    # one generation call per batch
+
+Items (``unit="patch"``, the default; ``len = classes * ipc * grid**2``):
+``(image float32 [3, h, w] in [0, 1], soft label float32 [C], class index)``.
+With ``unit="image"`` (``len = classes * ipc``): ``(collage [3, H, W],
+labels [grid**2, C], class index)``. Index ``k`` of the patch unit is the label
+row ``k`` of the archive, ``(c * ipc + i) * grid**2 + j``.
+
+Rendered images go to an on-disk cache (one ``.npy`` of uint8 per image,
+written atomically, so DataLoader workers can share it) under a key made of the
+archive's content hash and every setting that changes pixels; the second
+epoch only reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .archive import Archive, load_file
+from .errors import D3MError
+from .generator import Regenerator, default_device, default_dtype, resolve_render_settings, split_patches
+from .models import identity_cache_dir
+
+UNITS = ("patch", "image")
+DEFAULT_RENDER_BATCH = 16
+_MEMORY_IMAGES = 256  # decoded images kept per process
+
+
+class D3MDataset(torch.utils.data.Dataset):
+    """Patches (or whole collages) of a .d3m archive, with their soft labels.
+
+    Args:
+        path: the .d3m file.
+        unit: ``"patch"`` (default) or ``"image"``.
+        transform: applied to each image tensor.
+        cache_dir: where rendered images are kept (default ``$D3MFMT_CACHE_DIR``
+            or ``~/.cache/d3mfmt``, subfolder ``images``).
+        model: model id or directory overriding the archive's (see Regenerator).
+        device, dtype: rendering device and dtype (CUDA+fp16 when available, else CPU+fp32).
+        render_batch: images per generation call.
+        allow_model_mismatch: render even if the model differs from the pinned one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        unit: str = "patch",
+        transform=None,
+        cache_dir: str | os.PathLike | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        render_batch: int = DEFAULT_RENDER_BATCH,
+        allow_model_mismatch: bool = False,
+    ):
+        if unit not in UNITS:
+            raise D3MError(f"unit must be one of {list(UNITS)}, got {unit!r}")
+        if not isinstance(render_batch, int) or render_batch < 1:
+            raise D3MError(f"render_batch must be a positive integer, got {render_batch!r}")
+        self.path = Path(path)
+        self.unit, self.transform, self.render_batch = unit, transform, render_batch
+        self.model, self.allow_model_mismatch = model, allow_model_mismatch
+        self.device = device or default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.cache_root = Path(cache_dir) if cache_dir is not None else identity_cache_dir() / "images"
+        self._archive: Archive | None = load_file(self.path)
+        ds = self._archive.manifest.dataset
+        self.num_classes, self.ipc, self.grid = ds.num_classes, ds.ipc, ds.grid
+        self.classes = [c.name for c in ds.classes]
+        self._regen: Regenerator | None = None
+        self._cache_key: str | None = None
+        self._memory: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+
+    # -- pickling: no pipeline, no arrays; workers reload the small archive ---
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_archive=None, _regen=None, _memory=OrderedDict())
+        return state
+
+    @property
+    def archive(self) -> Archive:
+        if self._archive is None:
+            self._archive = load_file(self.path)
+        return self._archive
+
+    @property
+    def regenerator(self) -> Regenerator:
+        """The renderer, created on first use (loads the model)."""
+        if self._regen is None:
+            a = self.archive
+            self._regen = Regenerator(
+                a.manifest.generator,
+                a.embeddings,
+                model=self.model,
+                device=self.device,
+                dtype=self.dtype,
+                allow_model_mismatch=self.allow_model_mismatch,
+            )
+        return self._regen
+
+    @property
+    def cache_dir(self) -> Path:
+        """This archive's cache folder: content hash + every pixel-changing setting."""
+        if self._cache_key is None:
+            _, settings = resolve_render_settings(
+                self.archive.manifest.generator, model=self.model, device=self.device, dtype=self.dtype,
+                allow_model_mismatch=self.allow_model_mismatch,
+            )
+            parts = {"content_hash": self.archive.content_hash, **settings.key_parts()}
+            self._cache_key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+        return self.cache_root / self._cache_key
+
+    # -- the Dataset protocol -------------------------------------------------
+
+    def __len__(self) -> int:
+        n = self.num_classes * self.ipc
+        return n * self.grid * self.grid if self.unit == "patch" else n
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices) -> list:
+        """A whole batch in one go: missing images of a class render in one call."""
+        g2 = self.grid * self.grid
+        indices = [self._check_index(i) for i in indices]
+        images = self.images({(i // g2 if self.unit == "patch" else i) for i in indices})
+        items = []
+        for k in indices:
+            if self.unit == "patch":
+                image_idx, j = divmod(k, g2)
+                x = split_patches(images[image_idx][None], self.grid)[0, j]
+                label = torch.from_numpy(self.archive.labels.dense(slice(k, k + 1))[0])
+            else:
+                image_idx = k
+                x = images[image_idx]
+                label = torch.from_numpy(self.archive.labels.dense(slice(k * g2, (k + 1) * g2)))
+            if self.transform is not None:
+                x = self.transform(x)
+            items.append((x, label, image_idx // self.ipc))
+        return items
+
+    def _check_index(self, index) -> int:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        return index
+
+    # -- rendering and caching ------------------------------------------------
+
+    def images(self, image_indices) -> dict[int, torch.Tensor]:
+        """image index (``c * ipc + i``) -> float32 ``[3, H, W]``, rendering what is not cached."""
+        out, missing = {}, []
+        for idx in sorted(image_indices):
+            x = self._memory.get(divmod(idx, self.ipc)) if self._memory else None
+            if x is None:
+                x = self._read_cached(idx)
+            if x is None:
+                missing.append(idx)
+            else:
+                out[idx] = self._remember(idx, x)
+        by_class: dict[int, list[int]] = {}
+        for idx in missing:
+            by_class.setdefault(idx // self.ipc, []).append(idx)
+        for c, idxs in by_class.items():
+            for start in range(0, len(idxs), self.render_batch):
+                chunk = idxs[start : start + self.render_batch]
+                seeds = [int(self.archive.seeds[c, idx % self.ipc]) for idx in chunk]
+                rendered = self.regenerator.render(c, seeds)
+                for idx, x in zip(chunk, rendered):
+                    self._write_cached(idx, x)
+                    out[idx] = self._remember(idx, x)
+        return out
+
+    def materialize(self, progress: bool = True) -> "D3MDataset":
+        """Render every image into the cache now (a tqdm bar on stderr); returns self."""
+        from tqdm.auto import tqdm
+
+        todo = [i for i in range(self.num_classes * self.ipc) if not self._cache_path(i).is_file()]
+        with tqdm(total=len(todo), desc="rendering", unit="img", disable=not progress or not todo) as bar:
+            for start in range(0, len(todo), self.render_batch):
+                chunk = todo[start : start + self.render_batch]
+                self.images(chunk)
+                bar.update(len(chunk))
+        return self
+
+    def _cache_path(self, idx: int) -> Path:
+        c, i = divmod(idx, self.ipc)
+        return self.cache_dir / f"{c:06d}_{i:05d}.npy"
+
+    def _read_cached(self, idx: int) -> torch.Tensor | None:
+        path = self._cache_path(idx)
+        try:
+            pixels = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # a torn or foreign file: render again (and overwrite it)
+        h, w = self.archive.manifest.generator.height, self.archive.manifest.generator.width
+        if pixels.dtype != np.uint8 or pixels.shape != (3, h, w):
+            return None
+        return torch.from_numpy(pixels).float().div_(255.0)
+
+    def _write_cached(self, idx: int, x: torch.Tensor) -> None:
+        path = self._cache_path(idx)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = torch.round(x * 255.0).to(torch.uint8).numpy()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, pixels, allow_pickle=False)
+        os.replace(tmp, path)
+
+    def _remember(self, idx: int, x: torch.Tensor) -> torch.Tensor:
+        key = divmod(idx, self.ipc)
+        self._memory[key] = x
+        self._memory.move_to_end(key)
+        while len(self._memory) > _MEMORY_IMAGES:
+            self._memory.popitem(last=False)
+        return x

@@ -1,0 +1,107 @@
+"""Leave the format: ImageFolder images, diffusers textual-inversion files, preview grids."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .archive import Archive
+from .errors import D3MError
+
+TOKEN_FORMAT = "<d3m-{}>"  # the placeholder token an exported embedding is loaded under
+
+
+def class_folder(index: int, name: str) -> str:
+    """``0007_seven``: zero-padded so ImageFolder's sorted order is the archive's order."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
+    return f"{index:04d}_{safe[:64]}"
+
+
+def _prepare_dir(path: Path) -> Path:
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise D3MError(f"{path} exists and is not an empty folder; pick a new output folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _to_pil(image) -> Image.Image:
+    """float ``[3, H, W]`` in [0, 1] -> RGB PIL image."""
+    pixels = np.round(np.asarray(image.permute(1, 2, 0).cpu()) * 255.0).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def export_embeddings(archive: Archive, out_dir) -> list[Path]:
+    """One diffusers textual-inversion file per class: ``{token: [V, D]}``, metadata format=pt.
+
+    Load them all at once with ``pipe.load_textual_inversion(tensors, token=tokens)``.
+    """
+    import safetensors.numpy
+
+    out = _prepare_dir(out_dir)
+    paths = []
+    for c, info in enumerate(archive.manifest.dataset.classes):
+        path = out / f"{class_folder(c, info.name)}.safetensors"
+        token = TOKEN_FORMAT.format(info.id)
+        safetensors.numpy.save_file({token: np.ascontiguousarray(archive.embeddings[c])}, path, metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+def export_images(dataset, out_dir, progress: bool = True) -> int:
+    """Write a D3MDataset's items as PNGs in an ImageFolder layout; returns the count.
+
+    ``unit="patch"`` writes ``c{c}_i{i}_p{j}.png`` patches; ``unit="image"``
+    writes ``c{c}_i{i}.png`` collages.
+    """
+    from tqdm.auto import tqdm
+
+    out = _prepare_dir(out_dir)
+    dataset.materialize(progress=progress)
+    g2 = dataset.grid * dataset.grid
+    folders = [class_folder(c, n) for c, n in enumerate(dataset.classes)]
+    for folder in folders:
+        (out / folder).mkdir()
+    for k in tqdm(range(len(dataset)), desc="exporting", unit="png", disable=not progress):
+        image, _, label = dataset[k]
+        if dataset.unit == "patch":
+            (c, i), j = divmod(k // g2, dataset.ipc), k % g2
+            name = f"c{c:04d}_i{i:04d}_p{j}.png"
+        else:
+            c, i = divmod(k, dataset.ipc)
+            name = f"c{c:04d}_i{i:04d}.png"
+        _to_pil(image).save(out / folders[label] / name)
+    return len(dataset)
+
+
+def preview_grid(dataset, classes: list[int], per_class: int = 8, cell: int = 128) -> Image.Image:
+    """A row per class: its name, then up to ``per_class`` regenerated images.
+
+    Each patch of each image carries its stored top-1 label and probability.
+    """
+    font = ImageFont.load_default()
+    per_class = min(per_class, dataset.ipc)
+    label_w, g = 110, dataset.grid
+    sheet = Image.new("RGB", (label_w + per_class * (cell + 4), len(classes) * (cell + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    names = dataset.classes
+    for row, c in enumerate(classes):
+        y = row * (cell + 4)
+        draw.text((4, y + cell // 2 - 6), f"{c}: {names[c]}"[:18], fill="black", font=font)
+        images = dataset.images([c * dataset.ipc + i for i in range(per_class)])
+        for col in range(per_class):
+            idx = c * dataset.ipc + col
+            tile = _to_pil(images[idx]).resize((cell, cell), Image.NEAREST)
+            tile_draw = ImageDraw.Draw(tile)
+            labels = dataset.archive.labels.dense(slice(idx * g * g, (idx + 1) * g * g))
+            for j, p in enumerate(labels):
+                top = int(p.argmax())
+                px, py = (j % g) * cell // g, (j // g) * cell // g
+                text = f"{top} {p[top]:.2f}"
+                tile_draw.rectangle((px, py, px + 6 * len(text) + 2, py + 11), fill="black")
+                tile_draw.text((px + 1, py), text, fill="yellow" if top == c else "red", font=font)
+            sheet.paste(tile, (label_w + col * (cell + 4), y))
+    return sheet

@@ -1,0 +1,364 @@
+"""Recipe -> pixels: the one implementation of SPEC.md "Regeneration".
+
+``Regenerator`` turns (class embedding, seed) into an image exactly as the spec
+says; ``D3MDataset``, ``d3m-inspect`` and the builder's soft labelling all call
+it, so labels are computed on the pixels consumers see. Loaded models live in a
+process-wide cache keyed by (model identity, device, dtype), shared by every
+archive that names the same weights.
+
+Example:
+    >>> import d3mfmt
+    >>> from d3mfmt.generator import Regenerator
+    >>> archive = d3mfmt.load_file("spec/vectors/topk.d3m")        # doctest: +SKIP
+    >>> regen = Regenerator(archive.manifest.generator, archive.embeddings)  # doctest: +SKIP
+    >>> regen.render(7, archive.seeds[7].tolist()).shape            # doctest: +SKIP
+    torch.Size([2, 3, 64, 64])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import D3MError, D3MModelError
+from .manifest import GeneratorInfo
+from .models import model_identity, resolve_model
+
+# Schedulers whose sampling is fully defined by the initial latents (no fresh
+# noise per step). Ancestral and SDE samplers would make seeds meaningless.
+DETERMINISTIC_SCHEDULERS = (
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DEISMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+)
+SLOT_TOKEN = "<d3m-slot-{}>"  # placeholder tokens shared by all classes (see _encode_prompt)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+_PIPELINES: dict[tuple[str, str, str], "object"] = {}
+_PIPELINES_LOCK = threading.Lock()
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """fp16 on CUDA, fp32 elsewhere."""
+    return "float16" if torch.device(device).type == "cuda" else "float32"
+
+
+def check_device(device: str) -> None:
+    """Refuse CUDA inside a forked DataLoader worker, with the fixes."""
+    if torch.device(device).type != "cuda":
+        return
+    if torch.cuda._is_in_bad_fork() or (
+        torch.utils.data.get_worker_info() is not None and torch.multiprocessing.get_start_method() == "fork"
+    ):
+        raise D3MError(
+            "CUDA cannot be used in a forked DataLoader worker. Either render everything first with "
+            "dataset.materialize() (workers then only read the cache), use num_workers=0, or pass "
+            "multiprocessing_context='spawn' to the DataLoader"
+        )
+
+
+def shared_pipeline(path, identity: str, device: str, dtype: str):
+    """The process-wide StableDiffusionPipeline for (identity, device, dtype)."""
+    from diffusers import StableDiffusionPipeline
+
+    key = (identity, str(torch.device(device)), dtype)
+    with _PIPELINES_LOCK:
+        pipe = _PIPELINES.get(key)
+        if pipe is None:
+            with _quiet_loading():
+                # torch_dtype: the spelling every supported diffusers accepts (newer ones also take dtype=)
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    path, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False,
+                    local_files_only=True,
+                )
+            pipe.to(device)
+            pipe.set_progress_bar_config(disable=True)
+            _PIPELINES[key] = pipe
+    return pipe
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch ops on one intra-op thread, then restore the previous count.
+
+    Measured on this project's CPUs: with 2 threads the same image comes out
+    different (by one 8-bit level in places) at batch sizes 1 and 3 than at 2,
+    4, 8 and 16, because the threads split reductions by batch shape; with one
+    thread every batch size, batch position and batch-mate gives identical
+    pixels. Parallelism on the CPU comes from DataLoader workers instead.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-component progress bars or info chatter while a model loads."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
+def initial_latents(seeds, latent_shape) -> torch.Tensor:
+    """SPEC step 5: one CPU generator per image, float32 ``[B, *latent_shape]``."""
+    return torch.cat(
+        [torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32) for s in seeds]
+    )
+
+
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """SPEC step 7: float32 images in [0, 1] on the 8-bit grid k/255."""
+    return torch.round(images.float().clamp(0, 1) * 255.0) / 255.0
+
+
+def fingerprint(images: torch.Tensor, size: int) -> np.ndarray:
+    """SPEC "Fingerprint": channel mean, size x size block means, uint8 ``[B, size, size]``."""
+    x = images.detach().to("cpu", torch.float64).numpy()
+    b, _, h, w = x.shape
+    blocks = x.mean(axis=1).reshape(b, size, h // size, size, w // size).mean(axis=(2, 4))
+    return np.floor(255.0 * np.clip(blocks, 0.0, 1.0) + 0.5).astype(np.uint8)
+
+
+def split_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """SPEC step 8: ``[B, 3, H, W]`` -> ``[B, grid*grid, 3, H/grid, W/grid]``, row-major."""
+    b, ch, h, w = images.shape
+    x = images.reshape(b, ch, grid, h // grid, grid, w // grid)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, ch, h // grid, w // grid)
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What, besides the archive, determines the pixels: part of every cache key."""
+
+    model_identity: str
+    device: str
+    dtype: str
+
+    def key_parts(self) -> dict:
+        import diffusers
+
+        return {
+            "model_identity": self.model_identity,
+            "device": torch.device(self.device).type,
+            "dtype": self.dtype,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "rule": "d3m-1-8bit",
+        }
+
+
+def resolve_render_settings(
+    generator: GeneratorInfo,
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_model_mismatch: bool = False,
+    allow_download: bool = False,
+):
+    """(model folder, RenderSettings) for an archive's generator, without loading the model.
+
+    Raises D3MError for a non-deterministic scheduler or unknown dtype, and
+    D3MModelError when the model is missing or differs from the pinned identity.
+    """
+    if generator.scheduler not in DETERMINISTIC_SCHEDULERS:
+        raise D3MError(
+            f"scheduler {generator.scheduler!r} is not a deterministic (non-ancestral) scheduler; "
+            f"supported: {list(DETERMINISTIC_SCHEDULERS)}"
+        )
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise D3MError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    revision = None if model else generator.model.revision
+    path = resolve_model(model or generator.model.id, revision, allow_download=allow_download)
+    identity = model_identity(path)
+    pinned = generator.model.identity
+    if pinned is not None and pinned != identity and not allow_model_mismatch:
+        raise D3MModelError(
+            f"the archive pins model {generator.model.id!r} with identity {pinned}, but {path} "
+            f"has {identity}; use the pinned weights, or pass allow_model_mismatch=True "
+            "(d3m-inspect: --allow-model-mismatch) to render anyway and check drift with --verify"
+        )
+    return path, RenderSettings(identity, device, dtype)
+
+
+class Regenerator:
+    """Renders an archive's images through a cached diffusers pipeline.
+
+    Args:
+        generator: the archive's ``manifest.generator``.
+        embeddings: the archive's ``[C, V, D]`` embeddings.
+        model: a model id or directory overriding ``generator.model.id``.
+        device: default CUDA when available, else CPU.
+        dtype: ``"float32"``/``"float16"``/``"bfloat16"``; default fp16 on CUDA, fp32 on CPU.
+        allow_model_mismatch: render even if the model's content hash differs
+            from the one the archive pins (the labels may then not describe the pixels).
+        allow_download: fetch a hub model missing from the local cache.
+    """
+
+    def __init__(
+        self,
+        generator: GeneratorInfo,
+        embeddings: np.ndarray,
+        *,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        allow_model_mismatch: bool = False,
+        allow_download: bool = False,
+    ):
+        # 1. check inputs; resolve the model and compare it with the archive's pin
+        self.info = generator
+        self.model_path, self.settings = resolve_render_settings(
+            generator, model=model, device=device, dtype=dtype,
+            allow_model_mismatch=allow_model_mismatch, allow_download=allow_download,
+        )
+        self.device, self.dtype = self.settings.device, self.settings.dtype
+        check_device(self.device)
+        identity = self.settings.model_identity
+        # 2. a pipeline of our own scheduler over the shared components
+        shared = shared_pipeline(self.model_path, identity, self.device, self.dtype)
+        self.pipe = _with_scheduler(shared, generator.scheduler, generator.scheduler_config)
+        self._check_embeddings(embeddings)
+        self.embeddings = embeddings
+        self._prompt_cache: dict[int, torch.Tensor] = {}
+        self._negative: torch.Tensor | None = None
+
+    def _check_embeddings(self, embeddings: np.ndarray) -> None:
+        width = self.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+        if embeddings.shape[2] != width:
+            raise D3MModelError(
+                f"the archive's embeddings are {embeddings.shape[2]} wide, the text encoder of "
+                f"{self.model_path} takes {width}; the archive was made for another model"
+            )
+
+    def prompt_embeds(self, c: int) -> torch.Tensor:
+        """SPEC step 3: the class's prompt embedding ``[1, L, D']``, cached per class."""
+        if c not in self._prompt_cache:
+            self._prompt_cache[c] = _encode_prompt(self.pipe, self.info, self.embeddings[c])
+        return self._prompt_cache[c]
+
+    def negative_embeds(self) -> torch.Tensor:
+        if self._negative is None:
+            self._negative = _encode_text(self.pipe, self.info.negative_prompt)
+        return self._negative
+
+    @torch.no_grad()
+    def render(self, c: int, seeds) -> torch.Tensor:
+        """Images of class ``c`` for ``seeds``: float32 ``[B, 3, H, W]`` on the CPU, 8-bit levels."""
+        check_device(self.device)
+        if torch.device(self.device).type == "cpu":
+            with single_thread():
+                return self._render(c, seeds)
+        return self._render(c, seeds)
+
+    def _render(self, c: int, seeds) -> torch.Tensor:
+        info = self.info
+        seeds = list(seeds)
+        latents = initial_latents(seeds, info.latent_shape).to(self.device, DTYPES[self.dtype])
+        prompt = self.prompt_embeds(c).expand(len(seeds), -1, -1)
+        kwargs = {}
+        if info.guidance_scale > 1:
+            kwargs["negative_prompt_embeds"] = self.negative_embeds().expand(len(seeds), -1, -1)
+        out = self.pipe(
+            prompt_embeds=prompt,
+            latents=latents,
+            num_inference_steps=info.steps,
+            guidance_scale=info.guidance_scale,
+            eta=0.0,
+            height=info.height,
+            width=info.width,
+            output_type="pt",
+            **kwargs,
+        )
+        return quantize_8bit(out.images.to("cpu"))
+
+
+def _with_scheduler(shared, scheduler: str, config: dict):
+    """A pipeline over ``shared``'s modules with the archive's own scheduler."""
+    import diffusers
+
+    sched = getattr(diffusers, scheduler).from_config(config)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=shared.vae,
+        text_encoder=shared.text_encoder,
+        tokenizer=shared.tokenizer,
+        unet=shared.unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_TEXT_LOCK = threading.Lock()
+
+
+def _slot_ids(pipe, n: int) -> list[int]:
+    """Ids of the first ``n`` placeholder slot tokens, adding any that are missing."""
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    names = [SLOT_TOKEN.format(v) for v in range(n)]
+    missing = [t for t in names if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing)
+        enc.resize_token_embeddings(len(tok), mean_resizing=False)  # rows are overwritten before use
+    return tok.convert_tokens_to_ids(names)
+
+
+def _encode_text(pipe, text: str) -> torch.Tensor:
+    tok = pipe.tokenizer
+    ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+@torch.no_grad()
+def _encode_prompt(pipe, info: GeneratorInfo, vectors: np.ndarray) -> torch.Tensor:
+    """The prompt embedding with the class's vectors in the placeholder slots.
+
+    The slot tokens are added once to the shared tokenizer; their input rows are
+    overwritten with this class's vectors just before encoding (under a lock),
+    which is what loading a textual-inversion embedding and encoding the prompt
+    does, without growing the vocabulary by one token per class.
+    """
+    with _TEXT_LOCK:
+        ids = _slot_ids(pipe, len(vectors))
+        table = pipe.text_encoder.get_input_embeddings().weight
+        table[ids] = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(table.device, table.dtype)
+        slots = " ".join(SLOT_TOKEN.format(v) for v in range(len(vectors)))
+        return _encode_text(pipe, info.prompt_template.replace(info.placeholder, slots)).clone()

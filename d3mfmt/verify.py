@@ -1,0 +1,70 @@
+"""Drift check: regenerate a sample of images and compare their fingerprints.
+
+SPEC.md "Fingerprint" defines the stored values; the drift of an image is the
+largest absolute difference between its stored and recomputed fingerprint, in
+8-bit levels. Rendering here never reads a pixel cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .archive import Archive
+from .errors import D3MError
+
+DEFAULT_TOLERANCE = 8  # 8-bit levels, SPEC.md "Fingerprint"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    images: list[tuple[int, int]]  # (class, image) pairs checked
+    drift: np.ndarray  # [n] max |stored - recomputed| per image, 8-bit levels
+    tolerance: int
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.drift.max(initial=0) <= self.tolerance)
+
+    def lines(self, class_names: list[str]) -> list[str]:
+        out = [f"  class {c} ({class_names[c]}) image {i}: drift {int(d)}" for (c, i), d in zip(self.images, self.drift)]
+        verdict = "OK" if self.ok else "FAILED"
+        out.append(
+            f"verify {verdict}: {len(self.images)} images, max drift {int(self.drift.max(initial=0))}, "
+            f"mean {float(self.drift.mean()) if len(self.drift) else 0.0:.2f} (tolerance {self.tolerance} of 255)"
+        )
+        return out
+
+
+def sample_images(archive: Archive, n: int) -> list[tuple[int, int]]:
+    """``n`` (class, image) pairs spread evenly over the archive, in archive order."""
+    ds = archive.manifest.dataset
+    total = ds.num_images
+    picks = np.unique(np.linspace(0, total - 1, num=min(n, total)).round().astype(int))
+    return [divmod(int(k), ds.ipc) for k in picks]
+
+
+def check_verify(archive: Archive, n: int) -> None:
+    """Raise D3MError before any model loads if ``verify`` cannot run."""
+    if archive.fingerprints is None:
+        raise D3MError("the archive has no fingerprints (manifest 'fingerprints' is null); nothing to verify against")
+    if n < 1:
+        raise D3MError(f"--n must be a positive integer, got {n}")
+
+
+def verify(archive: Archive, regenerator, n: int = 8, tolerance: int = DEFAULT_TOLERANCE) -> VerifyReport:
+    """Regenerate ``n`` images with ``regenerator`` and measure fingerprint drift."""
+    from .generator import fingerprint
+
+    check_verify(archive, n)
+    size = archive.manifest.fingerprint_size
+    images = sample_images(archive, n)
+    drift = []
+    for c in sorted({c for c, _ in images}):
+        idx = [i for cc, i in images if cc == c]
+        rendered = regenerator.render(c, archive.seeds[c, idx].tolist())
+        got = fingerprint(rendered, size).astype(np.int16)
+        want = archive.fingerprints[c, idx].astype(np.int16)
+        drift.extend(np.abs(got - want).reshape(len(idx), -1).max(axis=1).tolist())
+    return VerifyReport(images, np.asarray(drift, dtype=np.int64), tolerance)

@@ -1,0 +1,149 @@
+"""D3MDataset: items, labels, batching, the pixel cache, pickling, workers, samplers."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+import d3mfmt
+from d3mfmt import D3MDataset, D3MError
+
+
+class RenderCounter:
+    """Counts images the dataset's regenerator renders (wraps the real render)."""
+
+    def __init__(self, ds):
+        self.count, regen = 0, ds.regenerator
+        real = regen.render
+
+        def render(c, seeds):
+            self.count += len(seeds)
+            return real(c, seeds)
+
+        regen.render = render
+
+
+@pytest.fixture
+def ds(tiny_archive_path, tmp_path):
+    return D3MDataset(tiny_archive_path, cache_dir=tmp_path / "cache", device="cpu")
+
+
+def test_patch_items_shapes_labels_and_order(ds, tiny_archive_path):
+    archive = d3mfmt.load_file(tiny_archive_path)
+    assert len(ds) == 3 * 4 * 4
+    image, label, cls = ds[4 * 4 + 5]  # class 1, image 1, patch 1
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    assert 0 <= image.min() and image.max() <= 1
+    assert label.shape == (3,) and label.dtype == torch.float32
+    assert abs(float(label.sum()) - 1) < 1e-6
+    assert cls == 1
+    np.testing.assert_array_equal(label.numpy(), archive.soft_label(1, 1, 1))
+    # the patch is the top-right quarter of the regenerated collage
+    full = ds.images([5])[5]
+    assert torch.equal(image, full[:, :16, 16:])
+
+
+def test_image_unit_returns_collages_with_all_patch_labels(tiny_archive_path, tmp_path):
+    ds = D3MDataset(tiny_archive_path, unit="image", cache_dir=tmp_path, device="cpu")
+    assert len(ds) == 12
+    image, labels, cls = ds[7]
+    assert image.shape == (3, 32, 32) and labels.shape == (4, 3) and cls == 1
+    np.testing.assert_allclose(labels.sum(1).numpy(), 1.0, atol=1e-6)
+
+
+def test_getitems_is_one_batch_and_equals_getitem(ds):
+    counter = RenderCounter(ds)
+    batch = ds.__getitems__([0, 17, 33, 1])
+    assert counter.count == 3  # three distinct images, one render call per class
+    for k, (image, label, cls) in zip([0, 17, 33, 1], batch):
+        again = ds[k]
+        assert torch.equal(image, again[0]) and torch.equal(label, again[1]) and cls == again[2]
+    assert counter.count == 3
+
+
+def test_dataloader_batches_and_transform(tiny_archive_path, tmp_path):
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu", transform=lambda x: x * 2)
+    images, labels, classes = next(iter(DataLoader(ds, batch_size=8, shuffle=False)))
+    assert images.shape == (8, 3, 16, 16) and labels.shape == (8, 3)
+    assert classes.tolist() == [0] * 8
+    assert images.max() > 1  # the transform ran
+
+
+def test_second_epoch_reads_the_cache_even_in_a_new_dataset(tiny_archive_path, tmp_path):
+    first = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
+    counter = RenderCounter(first)
+    epoch1 = [first[k][0] for k in range(len(first))]
+    assert counter.count == 12  # every image once, despite 4 patches each
+    second = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
+    counter2 = RenderCounter(second)
+    epoch2 = [second[k][0] for k in range(len(second))]
+    assert counter2.count == 0
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, epoch2))
+    assert len(list(first.cache_dir.glob("*.npy"))) == 12
+
+
+def test_a_changed_setting_uses_a_different_cache(tiny_archive_path, tmp_path):
+    from dataclasses import replace
+
+    ds32 = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
+    ds16 = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu", dtype="bfloat16")
+    assert ds32.cache_dir != ds16.cache_dir
+    a = d3mfmt.load_file(tiny_archive_path)
+    more_steps = replace(a, manifest=replace(a.manifest, generator=replace(a.manifest.generator, steps=3)))
+    other = tmp_path / "other.d3m"
+    d3mfmt.save_file(more_steps, other)
+    assert D3MDataset(other, cache_dir=tmp_path, device="cpu").cache_dir != ds32.cache_dir
+
+
+def test_corrupt_cache_file_is_rendered_again(ds):
+    x = ds.images([0])[0]
+    path = ds._cache_path(0)
+    path.write_bytes(b"garbage")
+    fresh = D3MDataset(ds.path, cache_dir=ds.cache_root, device="cpu")
+    assert torch.equal(fresh.images([0])[0], x)
+
+
+def test_pickles_cheaply_without_pipeline_or_arrays(ds):
+    ds[0]  # load the model and fill the memory cache
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4000, len(blob)
+    clone = pickle.loads(blob)
+    assert clone._regen is None and clone._archive is None
+    assert torch.equal(clone[0][0], ds[0][0])
+
+
+def test_workers_share_the_materialized_cache(tiny_archive_path, tmp_path):
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu").materialize(progress=False)
+    assert len(list(ds.cache_dir.glob("*.npy"))) == 12
+    loader = DataLoader(ds, batch_size=16, num_workers=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([classes for _, _, classes in loader])
+    assert sorted(seen.tolist()) == sorted([k // 16 for k in range(48)])
+
+
+def test_distributed_sampler_splits_the_dataset(ds):
+    parts = []
+    for rank in range(2):
+        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        parts.append(list(sampler))
+        batch = next(iter(DataLoader(ds, batch_size=4, sampler=sampler)))
+        assert batch[0].shape == (4, 3, 16, 16)
+    assert sorted(parts[0] + parts[1]) == list(range(len(ds)))
+
+
+def test_bad_arguments_and_indices(tiny_archive_path, ds):
+    with pytest.raises(D3MError, match="unit must be one of"):
+        D3MDataset(tiny_archive_path, unit="pixel")
+    with pytest.raises(D3MError, match="render_batch"):
+        D3MDataset(tiny_archive_path, render_batch=0)
+    with pytest.raises(IndexError, match="out of range"):
+        ds[len(ds)]
+    assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
+
+
+def test_cuda_dataset_in_forked_worker_raises_clear_error(tiny_archive_path, monkeypatch, tmp_path):
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cuda", dtype="float32")
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(D3MError, match="forked DataLoader worker"):
+        ds[0]

@@ -1,0 +1,153 @@
+"""The regeneration engine: the spec's rule, determinism, identity pins, TI equivalence."""
+
+import hashlib
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import d3mfmt
+from d3mfmt import D3MError, D3MModelError
+from d3mfmt.generator import Regenerator, fingerprint, split_patches
+
+
+@pytest.fixture(scope="module")
+def archive(tiny_archive_path):
+    return d3mfmt.load_file(tiny_archive_path)
+
+
+@pytest.fixture(scope="module")
+def regen(archive):
+    return Regenerator(archive.manifest.generator, archive.embeddings, device="cpu")
+
+
+def test_render_shape_range_and_8bit_levels(regen, archive):
+    x = regen.render(1, archive.seeds[1].tolist())
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and x.device.type == "cpu"
+    assert 0 <= x.min() and x.max() <= 1
+    torch.testing.assert_close(torch.round(x * 255) / 255, x, rtol=0, atol=0)
+    assert x.std() > 0.01  # not a constant image
+
+
+def test_same_pixels_for_any_batch_size_position_and_batch_mates(regen, archive):
+    seeds = archive.seeds[2].tolist()
+    together = regen.render(2, seeds)
+    one_by_one = torch.cat([regen.render(2, [s]) for s in seeds])
+    reversed_ = regen.render(2, seeds[::-1]).flip(0)
+    assert torch.equal(together, one_by_one)
+    assert torch.equal(together, reversed_)
+    assert torch.equal(regen.render(2, seeds[1:3]), together[1:3])
+
+
+def test_same_pixels_in_a_fresh_process(regen, archive, tiny_archive_path):
+    here = hashlib.sha256(regen.render(0, archive.seeds[0].tolist()).numpy().tobytes()).hexdigest()
+    code = (
+        "import sys, hashlib, d3mfmt; from d3mfmt.generator import Regenerator; "
+        f"a = d3mfmt.load_file({str(tiny_archive_path)!r}); "
+        "r = Regenerator(a.manifest.generator, a.embeddings, device='cpu'); "
+        "print(hashlib.sha256(r.render(0, a.seeds[0].tolist()).numpy().tobytes()).hexdigest())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == here
+
+
+def test_fingerprints_of_the_archive_match_a_fresh_render(regen, archive):
+    x = regen.render(1, archive.seeds[1].tolist())
+    np.testing.assert_array_equal(fingerprint(x, 4), archive.fingerprints[1])
+
+
+def test_different_seeds_and_classes_give_different_images(regen, archive):
+    a = regen.render(0, [1, 2])
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(regen.render(0, [1]), regen.render(1, [1]))
+
+
+def test_split_patches_is_row_major():
+    img = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    p = split_patches(img, 2)
+    assert p.shape == (2, 4, 3, 2, 2)
+    assert torch.equal(p[1, 1], img[1, :, 0:2, 2:4])  # row 0, column 1
+    assert torch.equal(p[1, 2], img[1, :, 2:4, 0:2])  # row 1, column 0
+
+
+@pytest.mark.parametrize("n_vectors", [1, 2])
+def test_prompt_embeds_equal_diffusers_textual_inversion(tiny_model, tmp_path, n_vectors):
+    """export_embeddings -> load_textual_inversion (all tokens, one call) -> same prompt embedding."""
+    import safetensors.torch
+    from diffusers import StableDiffusionPipeline
+    from tiny_pipeline import archive_for
+
+    from d3mfmt.export import TOKEN_FORMAT, export_embeddings
+
+    archive = archive_for(tiny_model, n_vectors=n_vectors, seed=n_vectors)
+    files = export_embeddings(archive, tmp_path / "emb")
+    tensors, tokens = [], []
+    for path in files:
+        (token, tensor), = safetensors.torch.load_file(path).items()
+        assert tensor.shape == (n_vectors, 32)
+        tokens.append(token)
+        tensors.append(tensor)
+    assert tokens == [TOKEN_FORMAT.format(c.id) for c in archive.manifest.dataset.classes]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(tensors, token=tokens)
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu")
+    for c, token in enumerate(tokens):
+        prompt = archive.manifest.generator.prompt_template.replace("{token}", token)
+        theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+        torch.testing.assert_close(regen.prompt_embeds(c), theirs, rtol=0, atol=1e-6)
+
+
+def test_pinned_identity_mismatch_is_an_error_unless_overridden(archive):
+    gen = replace(archive.manifest.generator, model=replace(archive.manifest.generator.model, identity="sha256:" + "0" * 64))
+    with pytest.raises(D3MModelError, match="allow_model_mismatch=True"):
+        Regenerator(gen, archive.embeddings, device="cpu")
+    Regenerator(gen, archive.embeddings, device="cpu", allow_model_mismatch=True)
+
+
+def test_ancestral_scheduler_and_wrong_width_are_refused(archive):
+    gen = replace(archive.manifest.generator, scheduler="EulerAncestralDiscreteScheduler")
+    with pytest.raises(D3MError, match="not a deterministic"):
+        Regenerator(gen, archive.embeddings, device="cpu")
+    with pytest.raises(D3MModelError, match="embeddings are 16 wide"):
+        Regenerator(archive.manifest.generator, archive.embeddings[:, :, :16], device="cpu")
+
+
+def test_missing_model_folder_is_a_clear_error(archive, tmp_path):
+    gen = replace(archive.manifest.generator, model=d3mfmt.ModelRef(str(tmp_path / "gone")))
+    with pytest.raises(D3MModelError, match="not an existing directory"):
+        Regenerator(gen, archive.embeddings, device="cpu")
+
+
+def test_one_pipeline_is_shared_per_model_device_dtype(archive, regen):
+    other = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu")
+    assert other.pipe.unet is regen.pipe.unet
+    assert other.pipe.scheduler is not regen.pipe.scheduler
+
+
+def test_no_guidance_renders_without_negative_prompt(archive):
+    gen = replace(archive.manifest.generator, guidance_scale=1.0)
+    r = Regenerator(gen, archive.embeddings, device="cpu")
+    x = r.render(0, [5])
+    assert r._negative is None and x.shape == (1, 3, 32, 32)
+
+
+def test_cuda_in_forked_worker_names_the_fixes(monkeypatch):
+    from d3mfmt.generator import check_device
+
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(D3MError, match=r"materialize\(\).*num_workers=0.*spawn"):
+        check_device("cuda")
+    check_device("cpu")  # the CPU is always fine
+
+
+def test_golden_vectors_name_a_model_this_package_resolves():
+    from d3mfmt.models import resolve_model
+
+    root = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+    for path in root.glob("*.d3m"):
+        gen = d3mfmt.load_file(path).manifest.generator
+        assert resolve_model(gen.model.id).is_dir()
