@@ -88,6 +88,8 @@ def shared_pipeline(path, identity: str, device: str, dtype: str):
                 )
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
+            for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                module.requires_grad_(False)  # frozen: consumers never train, the builder only learns token rows
             _PIPELINES[key] = pipe
     return pipe
 
@@ -330,7 +332,7 @@ def _with_scheduler(shared, scheduler: str, config: dict):
 _TEXT_LOCK = threading.Lock()
 
 
-def _slot_ids(pipe, n: int) -> list[int]:
+def slot_ids(pipe, n: int) -> list[int]:
     """Ids of the first ``n`` placeholder slot tokens, adding any that are missing."""
     tok, enc = pipe.tokenizer, pipe.text_encoder
     names = [SLOT_TOKEN.format(v) for v in range(n)]
@@ -341,10 +343,22 @@ def _slot_ids(pipe, n: int) -> list[int]:
     return tok.convert_tokens_to_ids(names)
 
 
-def _encode_text(pipe, text: str) -> torch.Tensor:
+def token_ids(pipe, text: str) -> torch.Tensor:
+    """``[1, L]`` ids padded to the tokenizer's maximum length (SPEC step 3)."""
     tok = pipe.tokenizer
     ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    return ids.to(pipe.text_encoder.device)
+
+
+def placeholder_prompt(pipe, template: str, placeholder: str, n_vectors: int) -> tuple[torch.Tensor, list[int]]:
+    """(``[1, L]`` ids of the template with ``n_vectors`` slot tokens, the slot ids)."""
+    ids = slot_ids(pipe, n_vectors)
+    slots = " ".join(SLOT_TOKEN.format(v) for v in range(n_vectors))
+    return token_ids(pipe, template.replace(placeholder, slots)), ids
+
+
+def _encode_text(pipe, text: str) -> torch.Tensor:
+    return pipe.text_encoder(token_ids(pipe, text))[0]
 
 
 @torch.no_grad()
@@ -357,8 +371,7 @@ def _encode_prompt(pipe, info: GeneratorInfo, vectors: np.ndarray) -> torch.Tens
     does, without growing the vocabulary by one token per class.
     """
     with _TEXT_LOCK:
-        ids = _slot_ids(pipe, len(vectors))
+        ids, slots = placeholder_prompt(pipe, info.prompt_template, info.placeholder, len(vectors))
         table = pipe.text_encoder.get_input_embeddings().weight
-        table[ids] = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(table.device, table.dtype)
-        slots = " ".join(SLOT_TOKEN.format(v) for v in range(len(vectors)))
-        return _encode_text(pipe, info.prompt_template.replace(info.placeholder, slots)).clone()
+        table[slots] = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(table.device, table.dtype)
+        return pipe.text_encoder(ids)[0].clone()

@@ -185,22 +185,7 @@ class Manifest:
                 if ds.source is None
                 else {"name": ds.source.name, "fingerprint": ds.source.fingerprint, "license": ds.source.license},
             },
-            "generator": {
-                "pipeline": gen.pipeline,
-                "model": {"id": gen.model.id, "revision": gen.model.revision, "identity": gen.model.identity},
-                "scheduler": {"class": gen.scheduler, "config": gen.scheduler_config},
-                "steps": gen.steps,
-                "guidance_scale": gen.guidance_scale,
-                "eta": gen.eta,
-                "height": gen.height,
-                "width": gen.width,
-                "latent_shape": list(gen.latent_shape),
-                "dtype": gen.dtype,
-                "prompt_template": gen.prompt_template,
-                "placeholder": gen.placeholder,
-                "negative_prompt": gen.negative_prompt,
-                "rng": gen.rng,
-            },
+            "generator": generator_to_dict(gen),
             "embeddings": {"n_vectors": emb.n_vectors, "dim": emb.dim, "dtype": emb.dtype},
             "labels": {"encoding": lab.kind, "k": lab.k, "values": lab.values, "temperature": lab.temperature},
             "teacher": None
@@ -250,25 +235,7 @@ class Manifest:
             if src is None
             else SourceInfo(src.str("name"), src.str("fingerprint", optional=True), src.str("license", optional=True)),
         )
-        g = r.obj("generator")
-        model, sched = g.obj("model"), g.obj("scheduler")
-        generator = GeneratorInfo(
-            pipeline=g.str("pipeline"),
-            model=ModelRef(model.str("id"), model.str("revision", optional=True), model.str("identity", optional=True)),
-            scheduler=sched.str("class"),
-            scheduler_config=sched.raw_obj("config"),
-            steps=g.int("steps", 1, MAX_STEPS),
-            guidance_scale=g.num("guidance_scale", 0.0, 100.0),
-            eta=g.num("eta", 0.0, 0.0),
-            height=g.int("height", 1, MAX_IMAGE_SIDE),
-            width=g.int("width", 1, MAX_IMAGE_SIDE),
-            latent_shape=tuple(g.int_list("latent_shape", 3, 1, MAX_IMAGE_SIDE)),
-            dtype=g.choice("dtype", COMPUTE_DTYPES),
-            prompt_template=g.str("prompt_template"),
-            placeholder=g.str("placeholder", min_len=1),
-            negative_prompt=g.str("negative_prompt", min_len=0),
-            rng=g.choice("rng", (RNG_RULE,)),
-        )
+        generator = _parse_generator(r.obj("generator"))
         e = r.obj("embeddings")
         embeddings = EmbeddingInfo(
             n_vectors=e.int("n_vectors", 1, MAX_VECTORS), dim=e.int("dim", 1, MAX_DIM), dtype=e.choice("dtype", EMBEDDING_DTYPES)
@@ -306,6 +273,52 @@ class Manifest:
         )
         manifest.check()
         return manifest
+
+
+def _parse_generator(g: "_Fields") -> GeneratorInfo:
+    model, sched = g.obj("model"), g.obj("scheduler")
+    return GeneratorInfo(
+        pipeline=g.str("pipeline"),
+        model=ModelRef(model.str("id"), model.str("revision", optional=True), model.str("identity", optional=True)),
+        scheduler=sched.str("class"),
+        scheduler_config=sched.raw_obj("config"),
+        steps=g.int("steps", 1, MAX_STEPS),
+        guidance_scale=g.num("guidance_scale", 0.0, 100.0),
+        eta=g.num("eta", 0.0, 0.0),
+        height=g.int("height", 1, MAX_IMAGE_SIDE),
+        width=g.int("width", 1, MAX_IMAGE_SIDE),
+        latent_shape=tuple(g.int_list("latent_shape", 3, 1, MAX_IMAGE_SIDE)),
+        dtype=g.choice("dtype", COMPUTE_DTYPES),
+        prompt_template=g.str("prompt_template"),
+        placeholder=g.str("placeholder", min_len=1),
+        negative_prompt=g.str("negative_prompt", min_len=0),
+        rng=g.choice("rng", (RNG_RULE,)),
+    )
+
+
+def generator_to_dict(gen: GeneratorInfo) -> dict:
+    """The manifest's ``generator`` object for ``gen``."""
+    return {
+        "pipeline": gen.pipeline,
+        "model": {"id": gen.model.id, "revision": gen.model.revision, "identity": gen.model.identity},
+        "scheduler": {"class": gen.scheduler, "config": gen.scheduler_config},
+        "steps": gen.steps,
+        "guidance_scale": gen.guidance_scale,
+        "eta": gen.eta,
+        "height": gen.height,
+        "width": gen.width,
+        "latent_shape": list(gen.latent_shape),
+        "dtype": gen.dtype,
+        "prompt_template": gen.prompt_template,
+        "placeholder": gen.placeholder,
+        "negative_prompt": gen.negative_prompt,
+        "rng": gen.rng,
+    }
+
+
+def generator_from_dict(doc: dict) -> GeneratorInfo:
+    """Parse and check a ``generator`` object on its own (raises D3MFormatError)."""
+    return _parse_generator(_Fields(doc, "generator"))
 
 
 def parse_version(text: str) -> tuple[int, int]:

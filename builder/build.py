@@ -1,0 +1,319 @@
+"""The D3M build: real images -> .d3m, one class at a time, resumable and shardable.
+
+Per class (independent of every other class, so shards agree with a single run):
+
+1. load the class's real images;
+2. select the grid²·IPC most informative patches with the teacher;
+3. tile them into IPC collages;
+4. textual inversion: learn the class token on those collages;
+5. seeds: IPC per class (optionally the best of M candidates each);
+6. regenerate every image through d3mfmt's generator, split into patches,
+   teacher -> soft label per patch, fingerprint per image;
+7. checkpoint the class in the work directory (atomic write).
+
+When every class is done the archive is written through d3mfmt's writer
+(temporary file, then rename). ``merge`` writes the same archive from the
+work directories of several shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+import torch
+
+import d3mfmt
+from d3mfmt import (
+    ClassInfo,
+    D3MError,
+    DatasetInfo,
+    EmbeddingInfo,
+    GeneratorInfo,
+    LabelEncoding,
+    Manifest,
+    ModelRef,
+    SourceInfo,
+    TeacherInfo,
+)
+from d3mfmt.generator import Regenerator, default_device, default_dtype, shared_pipeline
+from d3mfmt.manifest import generator_from_dict, generator_to_dict
+from d3mfmt.models import BUILTIN_MODELS, model_identity, resolve_model
+
+from .inversion import InversionSettings, invert_class_token
+from .labelling import choose_seeds, class_seeds, render_and_label
+from .patches import PatchSettings, make_collages, select_patches
+from .teacher_spec import check_teacher_width, resolve_teacher, teacher_identity
+
+log = logging.getLogger("d3m-build")
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything that determines the archive's content (recorded in manifest.build.settings)."""
+
+    model: str = "d3m/tiny-mnist"
+    revision: str | None = None
+    teacher: str = "mnist-cnn"
+    ipc: int = 10
+    grid: int = 2
+    resolution: int | None = None  # collage side; default: the model's
+    steps: int | None = None  # DDIM steps; default: the model's recommendation
+    guidance_scale: float | None = None
+    prompt_template: str | None = None  # with "{token}"; default by model and grid
+    negative_prompt: str = ""
+    seed: int = 0
+    seed_candidates: int = 1  # M: render M candidates per kept image
+    temperature: float = 1.0
+    fingerprint_size: int = 4
+    patches: PatchSettings = field(default_factory=PatchSettings)
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def check_settings(s: BuildSettings) -> None:
+    """One clear error per bad argument, before any work."""
+    checks = [
+        (s.ipc >= 1, f"--ipc must be a positive integer, got {s.ipc}"),
+        (1 <= s.grid <= 8, f"--grid must be in 1..8, got {s.grid}"),
+        (s.seed_candidates >= 1, f"--seed-candidates must be >= 1, got {s.seed_candidates}"),
+        (s.temperature > 0, f"--temperature must be positive, got {s.temperature}"),
+        (s.inversion.steps >= 0, f"--ti-steps must be >= 0, got {s.inversion.steps}"),
+        (s.inversion.n_vectors >= 1, f"--vectors must be >= 1, got {s.inversion.n_vectors}"),
+        (s.patches.n_crops >= 1, f"--n-crops must be >= 1, got {s.patches.n_crops}"),
+        (s.prompt_template is None or s.prompt_template.count("{token}") == 1,
+         f"--template must contain '{{token}}' exactly once, got {s.prompt_template!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise D3MError(message)
+
+
+def generator_info(s: BuildSettings, pipe, path: Path) -> GeneratorInfo:
+    """The archive's generator section for these settings and this model."""
+    from diffusers import DDIMScheduler
+
+    builtin = BUILTIN_MODELS.get(s.model)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    native = pipe.unet.config.sample_size * factor
+    if builtin is not None:
+        native = builtin.collage_resolution if s.grid > 1 else builtin.resolution
+        default_template = (builtin.collage_template if s.grid > 1 else builtin.photo_template).replace("{}", "{token}")
+    else:
+        default_template = "a photo of {token}"
+    side = s.resolution or native
+    if side % s.grid or side % factor or side % s.fingerprint_size:
+        raise D3MError(f"--resolution {side} must be divisible by --grid {s.grid}, the VAE factor {factor} "
+                       f"and the fingerprint size {s.fingerprint_size}")
+    config = {k: v for k, v in DDIMScheduler.from_config(pipe.scheduler.config).config.items() if not k.startswith("_")}
+    return GeneratorInfo(
+        model=ModelRef(s.model, s.revision, model_identity(path)),
+        scheduler="DDIMScheduler",
+        scheduler_config=json.loads(json.dumps(config)),
+        steps=s.steps or (builtin.steps if builtin else 50),
+        guidance_scale=s.guidance_scale if s.guidance_scale is not None else (builtin.guidance_scale if builtin else 7.5),
+        height=side,
+        width=side,
+        latent_shape=(pipe.unet.config.in_channels, side // factor, side // factor),
+        prompt_template=s.prompt_template or default_template,
+        negative_prompt=s.negative_prompt,
+        dtype=default_dtype(str(pipe.device)),
+    )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise D3MError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise D3MError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+class Workdir:
+    """Per-class checkpoints plus the settings they were made with."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        (self.path / "classes").mkdir(parents=True, exist_ok=True)
+
+    def bind(self, record: dict) -> None:
+        """Record the build's identity, or refuse one made with other settings."""
+        f = self.path / SETTINGS_FILE
+        if f.is_file():
+            old = json.loads(f.read_text())
+            if old != record:
+                raise D3MError(f"work directory {self.path} holds a build with other settings or data; "
+                               "use a new --workdir (or the same settings to resume)")
+        else:
+            _atomic_write(f, json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def record(self) -> dict:
+        f = self.path / SETTINGS_FILE
+        if not f.is_file():
+            raise D3MError(f"{self.path} is not a d3m-build work directory (no {SETTINGS_FILE})")
+        return json.loads(f.read_text())
+
+    def class_file(self, c: int) -> Path:
+        return self.path / "classes" / f"{c:06d}.safetensors"
+
+    def done(self, c: int) -> bool:
+        return self.class_file(c).is_file()
+
+    def save_class(self, c: int, tensors: dict, meta: dict) -> None:
+        data = safetensors.numpy.save(tensors, metadata={"meta": json.dumps(meta, sort_keys=True)})
+        _atomic_write(self.class_file(c), data)
+
+    def load_class(self, c: int) -> tuple[dict, dict]:
+        data = self.class_file(c).read_bytes()
+        with safetensors.safe_open(self.class_file(c), "np") as f:
+            meta = json.loads(f.metadata()["meta"])
+        return safetensors.numpy.load(data), meta
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorInfo, s: BuildSettings,
+                device: str) -> tuple[dict, dict]:
+    """Steps 1-6 for one class; returns (tensors, metadata) for its checkpoint."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, c, 1]).integers(2**62)))
+    patch_side = gen.height // s.grid
+    times = {}
+    # 1-2. real images (loaded at twice the patch side, so crops keep detail) -> most informative patches
+    t0 = time.perf_counter()
+    images = source.images(c, side=2 * patch_side, limit=s.patches.max_images)
+    keep = s.ipc * s.grid * s.grid
+    patches, losses = select_patches(images, c, teacher, keep, patch_side, s.patches, g, device)
+    if len(images) < keep:
+        log.warning("class %s: %d real images for %d patches; best crops are reused", info.name, len(images), keep)
+    # 3. collages
+    collages = make_collages(patches, s.grid)
+    times["select"] = time.perf_counter() - t0
+    # 4. textual inversion
+    t0 = time.perf_counter()
+    vectors, curve = invert_class_token(pipe, collages, info.name, gen.prompt_template, gen.placeholder,
+                                        s.inversion, g, log=lambda m: log.info("class %s: %s", info.name, m))
+    times["invert"] = time.perf_counter() - t0
+    # 5-6. seeds, regeneration through d3mfmt, soft labels, fingerprints
+    t0 = time.perf_counter()
+    # the archive stores fp16 vectors: label exactly what a consumer will render from them
+    vectors = vectors.astype(np.float16).astype(np.float32)
+    regen = Regenerator(gen, vectors[None], device=device, dtype=gen.dtype)
+    candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
+    seeds = choose_seeds(regen, 0, candidates, s.ipc, teacher, s.grid, device)
+    probs, prints, _ = render_and_label(regen, 0, seeds, teacher, s.grid, s.temperature, s.fingerprint_size, device)
+    times["label"] = time.perf_counter() - t0
+    accuracy = float((probs.argmax(axis=1) == c).mean())
+    log.info("class %s: patch loss %.3f, teacher agrees on %.0f%% of regenerated patches",
+             info.name, float(losses.mean()), 100 * accuracy)
+    tensors = {
+        "embedding": vectors,
+        "seeds": np.asarray(seeds, dtype=np.int64),
+        "probs": probs.astype(np.float32),
+        "fingerprints": prints,
+    }
+    return tensors, {"accuracy": accuracy, "ti_loss": curve, "seconds": times, "patch_loss": float(losses.mean())}
+
+
+def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, int] = (0, 1),
+          device: str | None = None, progress: bool = True) -> Workdir:
+    """Build this shard's classes into ``workdir`` (skipping finished ones)."""
+    from tqdm.auto import tqdm
+
+    check_settings(settings)
+    device = device or default_device()
+    # 1. check inputs: data, model, teacher, before any work
+    source.check()
+    classes = source.classes
+    path = resolve_model(settings.model, settings.revision)
+    identity = model_identity(path)
+    pipe = shared_pipeline(path, identity, device, default_dtype(device))
+    gen = generator_info(settings, pipe, path)
+    teacher, teacher_name = resolve_teacher(settings.teacher)
+    teacher = teacher.to(device)
+    check_teacher_width(teacher, len(classes), gen.height // settings.grid, device)
+    # 2. bind the work directory to exactly this build
+    wd = Workdir(workdir)
+    wd.bind({
+        "settings": settings.to_json(),
+        "classes": [asdict(c) for c in classes],
+        "source": asdict(source.info()),
+        "generator": generator_to_dict(gen),
+        "teacher": {"name": teacher_name, "identity": teacher_identity(teacher)},
+    })
+    # 3. this shard's unfinished classes
+    mine = [c for c in range(len(classes)) if c % shard[1] == shard[0]]
+    todo = [c for c in mine if not wd.done(c)]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of %d classes already done in %s", len(mine) - len(todo), len(mine), wd.path)
+    for c in tqdm(todo, desc="classes", unit="class", disable=not progress):
+        tensors, meta = build_class(c, classes[c], source, teacher, pipe, gen, settings, device)
+        wd.save_class(c, tensors, meta)
+    return wd
+
+
+def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: str,
+                  teacher_accuracy: float | None = None) -> d3mfmt.Archive:
+    """Join finished class checkpoints (from one or several shards) into ``out``."""
+    wds = [Workdir(p) for p in workdirs]
+    record = wds[0].record()
+    for wd in wds[1:]:
+        if wd.record() != record:
+            raise D3MError(f"{wd.path} was built with other settings than {wds[0].path}; only shards of one build merge")
+    s = record["settings"]
+    classes = tuple(ClassInfo(**c) for c in record["classes"])
+    found: dict[int, Workdir] = {}
+    for wd in wds:
+        for c in range(len(classes)):
+            if wd.done(c):
+                found.setdefault(c, wd)
+    missing = [c for c in range(len(classes)) if c not in found]
+    if missing:
+        raise D3MError(f"classes {missing[:10]}{'...' if len(missing) > 10 else ''} are not built yet; "
+                       "run (or finish) the shards that own them, then merge again")
+    parts = [found[c].load_class(c) for c in range(len(classes))]
+    emb = np.stack([t["embedding"] for t, _ in parts])
+    probs = np.concatenate([t["probs"] for t, _ in parts])
+    if labels.kind == "topk" and labels.k > len(classes):
+        labels = replace(labels, k=len(classes))
+    labels = replace(labels, temperature=float(s["temperature"]))
+    gen_doc = record["generator"]
+    gen = generator_from_dict(record["generator"])
+    src = record["source"]
+    manifest = Manifest(
+        dataset=DatasetInfo(name, classes, int(s["ipc"]), int(s["grid"]), SourceInfo(**src)),
+        generator=gen,
+        embeddings=EmbeddingInfo(emb.shape[1], emb.shape[2], "float16"),
+        labels=labels,
+        teacher=TeacherInfo(record["teacher"]["name"], record["teacher"]["identity"], teacher_accuracy),
+        fingerprint_size=int(s["fingerprint_size"]),
+        build={"tool": f"d3mfmt {d3mfmt.__version__}", "settings": s,
+               "regenerated_patch_agreement": round(float(np.mean([m["accuracy"] for _, m in parts])), 6)},
+    )
+    archive = d3mfmt.Archive(
+        manifest,
+        embeddings=emb.astype(np.float16),
+        seeds=np.stack([t["seeds"] for t, _ in parts]),
+        labels=d3mfmt.encode_labels(probs, labels),
+        fingerprints=np.stack([t["fingerprints"] for t, _ in parts]),
+    )
+    d3mfmt.save_file(archive, out)
+    return archive

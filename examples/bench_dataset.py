@@ -1,0 +1,212 @@
+"""Benchmark D3MDataset: first-epoch rendering vs a raw diffusers call, cached epochs vs PNG files.
+
+Usage:
+    python examples/bench_dataset.py [--ipc 10] [--repeats 3] [--workers 2]
+
+On the built-in model ``d3m/tiny-mnist`` (CPU): an archive whose class
+embeddings are the text encoder's own embeddings of the digit words (so it
+renders digits without a builder run), 10 classes, 2x2 collages of 64 px.
+
+Rows (medians over --repeats runs, all in this one process and machine):
+
+1. raw pipeline: ``StableDiffusionPipeline(prompt_embeds=..., latents=...)``,
+   same batch size, steps, guidance and resolution, torch's default threads;
+2. raw pipeline, one thread (what D3MDataset uses on the CPU for batch-invariant pixels);
+3. D3MDataset first epoch through a DataLoader with --workers workers, empty cache;
+4. D3MDataset cached epoch (patches through a DataLoader, batch 256), 0 and --workers workers;
+5. the same patches as PNG files in an ImageFolder layout, read with PIL, same loader settings.
+
+Peak RSS of this process and of its children is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import d3mfmt
+from d3mfmt import ClassInfo, DatasetInfo, EmbeddingInfo, GeneratorInfo, LabelEncoding, Manifest, ModelRef
+from d3mfmt.dataset import D3MDataset
+from d3mfmt.export import export_images
+from d3mfmt.generator import initial_latents, shared_pipeline, single_thread
+from d3mfmt.mnist import MNIST_CLASS_NAMES
+from d3mfmt.models import BUILTIN_MODELS, model_identity, resolve_model
+
+
+def word_archive(ipc: int, grid: int = 2) -> d3mfmt.Archive:
+    """An archive for d3m/tiny-mnist whose embeddings are the digit words' own rows."""
+    spec = BUILTIN_MODELS["d3m/tiny-mnist"]
+    path = resolve_model("d3m/tiny-mnist")
+    pipe = shared_pipeline(path, model_identity(path), "cpu", "float32")
+    ids = [pipe.tokenizer.convert_tokens_to_ids(w + "</w>") for w in MNIST_CLASS_NAMES]
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().numpy()
+    size = spec.collage_resolution
+    import json
+
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    manifest = Manifest(
+        dataset=DatasetInfo("bench-words", tuple(ClassInfo(str(i), n) for i, n in enumerate(MNIST_CLASS_NAMES)), ipc, grid),
+        generator=GeneratorInfo(
+            model=ModelRef("d3m/tiny-mnist", None, model_identity(path)),
+            scheduler="DDIMScheduler",
+            scheduler_config={k: v for k, v in config.items() if not k.startswith("_")},
+            steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            height=size,
+            width=size,
+            latent_shape=(4, size // 4, size // 4),
+            prompt_template=spec.collage_template.replace("{}", "{token}"),
+        ),
+        embeddings=EmbeddingInfo(1, table.shape[1], "float32"),
+        labels=LabelEncoding("hard", 1, None),
+    )
+    rows = len(MNIST_CLASS_NAMES) * ipc * grid * grid
+    probs = np.eye(10, dtype=np.float32)[np.arange(rows) // (ipc * grid * grid)]
+    return d3mfmt.Archive(
+        manifest,
+        embeddings=table[ids][:, None, :].astype(np.float32),
+        seeds=np.arange(10 * ipc, dtype=np.int64).reshape(10, ipc),
+        labels=d3mfmt.encode_labels(probs, manifest.labels),
+    )
+
+
+def raw_pipeline_seconds(archive: d3mfmt.Archive, batch: int, threads: int | None) -> float:
+    """Render every image with a plain StableDiffusionPipeline call per batch."""
+    from d3mfmt.generator import Regenerator
+
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu")
+    gen = archive.manifest.generator
+    prompts = [regen.prompt_embeds(c) for c in range(len(archive.seeds))]
+    negative = regen.negative_embeds()
+    pipe = regen.pipe
+    ctx = single_thread() if threads == 1 else _null()
+    start = time.perf_counter()
+    with ctx, torch.no_grad():
+        for c, seeds in enumerate(archive.seeds.tolist()):
+            for s in range(0, len(seeds), batch):
+                chunk = seeds[s : s + batch]
+                pipe(
+                    prompt_embeds=prompts[c].expand(len(chunk), -1, -1),
+                    negative_prompt_embeds=negative.expand(len(chunk), -1, -1),
+                    latents=initial_latents(chunk, gen.latent_shape),
+                    num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale, eta=0.0,
+                    height=gen.height, width=gen.width, output_type="pt",
+                )
+    return time.perf_counter() - start
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class PngFolder(Dataset):
+    """Patches stored as PNG files (the ImageFolder baseline), as float tensors."""
+
+    def __init__(self, root: Path):
+        self.files = sorted(root.glob("*/*.png"))
+        self.classes = {f.parent.name: k for k, f in enumerate(sorted({f.parent for f in self.files}))}
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, k):
+        f = self.files[k]
+        x = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1).float().div_(255)
+        return x, self.classes[f.parent.name]
+
+
+def epoch_rate(dataset, workers: int, batch: int = 256) -> float:
+    """Items per second of one full pass through a DataLoader."""
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0), persistent_workers=False)
+    start = time.perf_counter()
+    n = sum(len(b[0]) for b in loader)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--render-batch", type=int, default=10)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="d3m-bench-"))
+    archive_path = work / "words.d3m"
+    archive = word_archive(args.ipc)
+    d3mfmt.save_file(archive, archive_path)
+    n_images = archive.manifest.dataset.num_images
+    rows = []
+
+    # 1-2. raw diffusers calls, default threads and one thread
+    for threads, name in [(None, f"raw StableDiffusionPipeline ({torch.get_num_threads()} threads)"),
+                          (1, "raw StableDiffusionPipeline (1 thread)")]:
+        t = statistics.median(raw_pipeline_seconds(archive, args.render_batch, threads) for _ in range(args.repeats))
+        rows.append((name, n_images / t, "images/s"))
+    raw_default, raw_single = rows[0][1], rows[1][1]
+
+    # 3. first epoch through D3MDataset, empty cache each time
+    for workers in sorted({0, args.workers}):
+        times = []
+        for r in range(args.repeats):
+            cache = work / f"cache-first-{workers}-{r}"
+            ds = D3MDataset(archive_path, cache_dir=cache, device="cpu", render_batch=args.render_batch, unit="image")
+            start = time.perf_counter()
+            for _ in DataLoader(ds, batch_size=args.render_batch, num_workers=workers):
+                pass
+            times.append(time.perf_counter() - start)
+        rows.append((f"D3MDataset first epoch, {workers} workers", n_images / statistics.median(times), "images/s"))
+
+    # 4. cached epochs of patches
+    ds = D3MDataset(archive_path, cache_dir=work / "cache-first-0-0", device="cpu")
+    patch_rates = {}
+    for workers in sorted({0, args.workers}):
+        rate = statistics.median(epoch_rate(ds, workers) for _ in range(args.repeats))
+        patch_rates[workers] = rate
+        rows.append((f"D3MDataset cached epoch, {workers} workers", rate, "patches/s"))
+
+    # 5. the same patches as PNG files
+    png_root = work / "png"
+    export_images(ds, png_root, progress=False)
+    png = PngFolder(png_root)
+    for workers in sorted({0, args.workers}):
+        rate = statistics.median(epoch_rate(png, workers) for _ in range(args.repeats))
+        rows.append((f"PNG ImageFolder epoch, {workers} workers", rate, "patches/s"))
+
+    print(f"d3m/tiny-mnist, 10 classes x IPC {args.ipc}, 64-px 2x2 collages ({len(ds)} 32-px patches), "
+          f"{archive.manifest.generator.steps} DDIM steps, guidance {archive.manifest.generator.guidance_scale}, "
+          f"render batch {args.render_batch}, median of {args.repeats}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    print("| what | rate | unit |")
+    print("|---|---:|---|")
+    for name, rate, unit in rows:
+        print(f"| {name} | {rate:,.1f} | {unit} |")
+    first = {name: rate for name, rate, unit in rows if name.startswith("D3MDataset first")}
+    best_first = max(first.values())
+    print(f"\nfirst epoch (best) / raw pipeline: {best_first / raw_default:.2f} "
+          f"(vs one-thread raw: {best_first / raw_single:.2f})")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak RSS: this process {own:.0f} MiB, largest worker {kids:.0f} MiB")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

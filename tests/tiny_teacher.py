@@ -1,0 +1,40 @@
+"""A deterministic teacher and ImageFolder for builder tests: class c = the brightest channel c."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class ChannelTeacher(torch.nn.Module):
+    """Logits = 8 x per-channel mean brightness: a fixed, sensible 3-class classifier."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(8.0), requires_grad=False)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return self.scale * x.mean(dim=(2, 3))[:, : self.num_classes]
+
+
+def build_teacher():
+    return ChannelTeacher(3)
+
+
+def build_wide_teacher():
+    """Wrong width on purpose: for the class-count mismatch test."""
+    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))
+
+
+def make_imagefolder(root: Path, classes=("a_red", "b_green", "c_blue"), per_class: int = 6, side: int = 40) -> Path:
+    """Noisy images whose class colour dominates, as PNG files."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (side, side, 3))
+            pixels[..., c] += 120
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
