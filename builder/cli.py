@@ -50,7 +50,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
               help="Label value codec [default: u8sqrt for topk, f16 for dense].")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Teacher softmax temperature.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Checkpoints [default: OUT.work].")
-@click.option("--shard", default="0/1", show_default=True, help="Build only classes c with c % n == i.")
+@click.option("--shard", default="0/1", show_default=True,
+              help="Build only classes c with c % n == i; 'auto' reads RANK/WORLD_SIZE (torchrun, accelerate) or Slurm.")
 @click.option("--merge", "merge_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Write OUT from finished work directories (repeatable); builds nothing.")
 @click.option("--device", help="cuda or cpu [default: cuda if available].")

@@ -141,3 +141,16 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                           "-o", str(tmp_path / "o.d3m")], capture_output=True, text=True)
     assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "o.d3m").exists()
+
+
+def test_shard_parsing_and_launcher_environments():
+    from builder.build import parse_shard
+
+    assert parse_shard("1/4") == (1, 4)
+    assert parse_shard("auto", {}) == (0, 1)
+    assert parse_shard("auto", {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (3, 8)
+    assert parse_shard("auto", {"SLURM_PROCID": "2", "SLURM_NTASKS": "5"}) == (2, 5)
+    assert parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "10"}) == (7, 10)
+    for bad in ("4/4", "x", "1/0", "-1/3"):
+        with pytest.raises(D3MError, match="--shard"):
+            parse_shard(bad)
