@@ -42,6 +42,7 @@ from d3mfmt import (
     SourceInfo,
     TeacherInfo,
 )
+from d3mfmt.container import write_atomic
 from d3mfmt.generator import Regenerator, default_device, default_dtype, shared_pipeline
 from d3mfmt.manifest import generator_from_dict, generator_to_dict
 from d3mfmt.models import BUILTIN_MODELS, model_identity, resolve_model
@@ -86,6 +87,7 @@ def check_settings(s: BuildSettings) -> None:
         (s.ipc >= 1, f"--ipc must be a positive integer, got {s.ipc}"),
         (1 <= s.grid <= 8, f"--grid must be in 1..8, got {s.grid}"),
         (s.seed_candidates >= 1, f"--seed-candidates must be >= 1, got {s.seed_candidates}"),
+        (s.seed >= 0, f"--seed must be >= 0, got {s.seed}"),
         (s.temperature > 0, f"--temperature must be positive, got {s.temperature}"),
         (s.inversion.steps >= 0, f"--ti-steps must be >= 0, got {s.inversion.steps}"),
         (s.inversion.n_vectors >= 1, f"--vectors must be >= 1, got {s.inversion.n_vectors}"),
@@ -176,7 +178,7 @@ class Workdir:
                 raise D3MError(f"work directory {self.path} holds a build with other settings or data; "
                                "use a new --workdir (or the same settings to resume)")
         else:
-            _atomic_write(f, json.dumps(record, indent=1, sort_keys=True).encode())
+            write_atomic(f, json.dumps(record, indent=1, sort_keys=True).encode())
 
     def record(self) -> dict:
         f = self.path / SETTINGS_FILE
@@ -192,22 +194,13 @@ class Workdir:
 
     def save_class(self, c: int, tensors: dict, meta: dict) -> None:
         data = safetensors.numpy.save(tensors, metadata={"meta": json.dumps(meta, sort_keys=True)})
-        _atomic_write(self.class_file(c), data)
+        write_atomic(self.class_file(c), data)
 
     def load_class(self, c: int) -> tuple[dict, dict]:
         data = self.class_file(c).read_bytes()
         with safetensors.safe_open(self.class_file(c), "np") as f:
             meta = json.loads(f.metadata()["meta"])
         return safetensors.numpy.load(data), meta
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorInfo, s: BuildSettings,
@@ -237,7 +230,7 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     vectors = vectors.astype(np.float16).astype(np.float32)
     regen = Regenerator(gen, vectors[None], device=device, dtype=gen.dtype)
     candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
-    seeds = choose_seeds(regen, 0, candidates, s.ipc, teacher, s.grid, device)
+    seeds = choose_seeds(regen, 0, c, candidates, s.ipc, teacher, s.grid, device)
     probs, prints, _ = render_and_label(regen, 0, seeds, teacher, s.grid, s.temperature, s.fingerprint_size, device)
     times["label"] = time.perf_counter() - t0
     accuracy = float((probs.argmax(axis=1) == c).mean())
@@ -260,7 +253,7 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
     check_settings(settings)
     device = device or shard_device()
     # 1. check inputs: data, model, teacher, before any work
-    source.check()
+    source.check(settings.patches.max_images)
     classes = source.classes
     path = resolve_model(settings.model, settings.revision)
     identity = model_identity(path)
@@ -269,15 +262,18 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
     teacher, teacher_name = resolve_teacher(settings.teacher)
     teacher = teacher.to(device)
     check_teacher_width(teacher, len(classes), gen.height // settings.grid, device)
-    # 2. bind the work directory to exactly this build
-    wd = Workdir(workdir)
-    wd.bind({
+    # 2. bind the work directory to exactly this build; check the archive it will make is writable
+    record = {
         "settings": settings.to_json(),
         "classes": [asdict(c) for c in classes],
         "source": asdict(source.info()),
         "generator": generator_to_dict(gen),
         "teacher": {"name": teacher_name, "identity": teacher_identity(teacher)},
-    })
+    }
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    Manifest.from_json(archive_manifest(record, LabelEncoding(), "preflight", settings.inversion.n_vectors, dim).to_json())
+    wd = Workdir(workdir)
+    wd.bind(record)
     # 3. this shard's unfinished classes
     mine = [c for c in range(len(classes)) if c % shard[1] == shard[0]]
     todo = [c for c in mine if not wd.done(c)]
@@ -289,6 +285,31 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
     return wd
 
 
+def fit_labels(labels: LabelEncoding, num_classes: int, temperature: float) -> LabelEncoding:
+    """The requested encoding for ``num_classes`` (top-k capped at C), checked; raises D3MError."""
+    if labels.kind == "topk" and isinstance(labels.k, int) and labels.k > num_classes:
+        labels = replace(labels, k=num_classes)
+    labels = replace(labels, temperature=float(temperature))
+    labels.check(num_classes)
+    return labels
+
+
+def archive_manifest(record: dict, labels: LabelEncoding, name: str, n_vectors: int, dim: int,
+                     teacher_accuracy: float | None = None, build_info: dict | None = None) -> Manifest:
+    """The manifest a work directory's record turns into (members are filled in by the writer)."""
+    s = record["settings"]
+    classes = tuple(ClassInfo(**c) for c in record["classes"])
+    return Manifest(
+        dataset=DatasetInfo(name, classes, int(s["ipc"]), int(s["grid"]), SourceInfo(**record["source"])),
+        generator=generator_from_dict(record["generator"]),
+        embeddings=EmbeddingInfo(n_vectors, dim, "float16"),
+        labels=fit_labels(labels, len(classes), s["temperature"]),
+        teacher=TeacherInfo(record["teacher"]["name"], record["teacher"]["identity"], teacher_accuracy),
+        fingerprint_size=int(s["fingerprint_size"]),
+        build={"tool": f"d3mfmt {d3mfmt.__version__}", "settings": s, **(build_info or {})},
+    )
+
+
 def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: str,
                   teacher_accuracy: float | None = None) -> d3mfmt.Archive:
     """Join finished class checkpoints (from one or several shards) into ``out``."""
@@ -297,41 +318,26 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
     for wd in wds[1:]:
         if wd.record() != record:
             raise D3MError(f"{wd.path} was built with other settings than {wds[0].path}; only shards of one build merge")
-    s = record["settings"]
-    classes = tuple(ClassInfo(**c) for c in record["classes"])
+    num_classes = len(record["classes"])
     found: dict[int, Workdir] = {}
     for wd in wds:
-        for c in range(len(classes)):
+        for c in range(num_classes):
             if wd.done(c):
                 found.setdefault(c, wd)
-    missing = [c for c in range(len(classes)) if c not in found]
+    missing = [c for c in range(num_classes) if c not in found]
     if missing:
         raise D3MError(f"classes {missing[:10]}{'...' if len(missing) > 10 else ''} are not built yet; "
                        "run (or finish) the shards that own them, then merge again")
-    parts = [found[c].load_class(c) for c in range(len(classes))]
+    parts = [found[c].load_class(c) for c in range(num_classes)]
     emb = np.stack([t["embedding"] for t, _ in parts])
-    probs = np.concatenate([t["probs"] for t, _ in parts])
-    if labels.kind == "topk" and labels.k > len(classes):
-        labels = replace(labels, k=len(classes))
-    labels = replace(labels, temperature=float(s["temperature"]))
-    gen_doc = record["generator"]
-    gen = generator_from_dict(record["generator"])
-    src = record["source"]
-    manifest = Manifest(
-        dataset=DatasetInfo(name, classes, int(s["ipc"]), int(s["grid"]), SourceInfo(**src)),
-        generator=gen,
-        embeddings=EmbeddingInfo(emb.shape[1], emb.shape[2], "float16"),
-        labels=labels,
-        teacher=TeacherInfo(record["teacher"]["name"], record["teacher"]["identity"], teacher_accuracy),
-        fingerprint_size=int(s["fingerprint_size"]),
-        build={"tool": f"d3mfmt {d3mfmt.__version__}", "settings": s,
-               "regenerated_patch_agreement": round(float(np.mean([m["accuracy"] for _, m in parts])), 6)},
-    )
+    agreement = round(float(np.mean([m["accuracy"] for _, m in parts])), 6)
+    manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
+                                {"regenerated_patch_agreement": agreement})
     archive = d3mfmt.Archive(
         manifest,
         embeddings=emb.astype(np.float16),
         seeds=np.stack([t["seeds"] for t, _ in parts]),
-        labels=d3mfmt.encode_labels(probs, labels),
+        labels=d3mfmt.encode_labels(np.concatenate([t["probs"] for t, _ in parts]), manifest.labels),
         fingerprints=np.stack([t["fingerprints"] for t, _ in parts]),
     )
     d3mfmt.save_file(archive, out)

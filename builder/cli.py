@@ -75,7 +75,7 @@ def run(data, out, demo, model, revision, teacher, class_file, ipc, grid, resolu
         temperature, workdir, shard, merge_dirs, device) -> None:
     from d3mfmt import D3MError, LabelEncoding
 
-    from .build import BuildSettings, InversionSettings, PatchSettings, build, parse_shard, write_archive
+    from .build import BuildSettings, InversionSettings, PatchSettings, build, fit_labels, parse_shard, write_archive
     from .sources import ImageFolderSource, MnistSource, read_class_list
 
     labels = LabelEncoding(label_kind, None if label_kind == "dense" else (1 if label_kind == "hard" else k),
@@ -106,6 +106,7 @@ def run(data, out, demo, model, revision, teacher, class_file, ipc, grid, resolu
         patches=PatchSettings(n_crops=n_crops, max_images=max_images),
         inversion=InversionSettings(steps=ti_steps, lr=ti_lr, batch=ti_batch, n_vectors=vectors),
     )
+    fit_labels(labels, len(source.classes), temperature)  # a bad label option fails now, not after the build
     i, n = parse_shard(shard)
     workdir = workdir or out.with_name(out.name + ".work")
     # 2. build this shard's classes

@@ -40,15 +40,18 @@ def render_and_label(regen, c: int, seeds: list[int], teacher, grid: int, temper
     return probs.numpy(), prints, patches
 
 
-def choose_seeds(regen, c: int, candidates: list[int], ipc: int, teacher, grid: int, device: str) -> list[int]:
-    """Keep the ``ipc`` candidate seeds whose patches the teacher finds most clearly class ``c``.
+def choose_seeds(regen, render_index: int, target: int, candidates: list[int], ipc: int, teacher, grid: int,
+                 device: str) -> list[int]:
+    """Keep the ``ipc`` candidate seeds whose patches the teacher finds most clearly class ``target``.
 
-    Scored by the mean cross-entropy of class ``c`` over the image's patches
-    (lower is better), ties to the earlier candidate.
+    ``render_index`` is the class's row in ``regen``'s embeddings, ``target``
+    its index in the teacher's output. Scored by the mean cross-entropy of
+    ``target`` over the image's patches (lower is better), ties to the earlier
+    candidate; the kept seeds stay in candidate order.
     """
     if len(candidates) == ipc:
         return candidates
-    probs, _, _ = render_and_label(regen, c, candidates, teacher, grid, 1.0, None, device)
-    ce = -np.log(np.maximum(probs[:, c], 1e-12)).reshape(len(candidates), grid * grid).mean(axis=1)
+    probs, _, _ = render_and_label(regen, render_index, candidates, teacher, grid, 1.0, None, device)
+    ce = -np.log(np.maximum(probs[:, target], 1e-12)).reshape(len(candidates), grid * grid).mean(axis=1)
     order = np.argsort(ce, kind="stable")[:ipc]
     return [candidates[k] for k in sorted(order)]

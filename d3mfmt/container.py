@@ -105,8 +105,8 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise D3MFormatError(f"{path}: permission denied") from None
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Write to a unique temporary file beside ``path`` (fsync'd when ``durable``), then rename over it."""
     path = Path(path)
     if not path.parent.is_dir():
         raise D3MFormatError(f"{path}: the folder {path.parent} does not exist; create it first")
@@ -114,8 +114,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -22,6 +22,7 @@ epoch only reads.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections import OrderedDict
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from .archive import Archive, load_file
+from .container import write_atomic
 from .errors import D3MError
 from .generator import Regenerator, default_device, default_dtype, resolve_render_settings, split_patches
 from .models import identity_cache_dir
@@ -221,11 +223,9 @@ class D3MDataset(torch.utils.data.Dataset):
     def _write_cached(self, idx: int, x: torch.Tensor) -> None:
         path = self._cache_path(idx)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = torch.round(x * 255.0).to(torch.uint8).numpy()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, pixels, allow_pickle=False)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.save(buf, torch.round(x * 255.0).to(torch.uint8).numpy(), allow_pickle=False)
+        write_atomic(path, buf.getvalue(), durable=False)  # a lost cache file is only rendered again
 
     def _remember(self, idx: int, x: torch.Tensor) -> torch.Tensor:
         key = divmod(idx, self.ipc)

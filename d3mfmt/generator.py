@@ -196,11 +196,18 @@ def resolve_render_settings(
     Raises D3MError for a non-deterministic scheduler or unknown dtype, and
     D3MModelError when the model is missing or differs from the pinned identity.
     """
+    if generator.pipeline != "StableDiffusionPipeline":
+        raise D3MError(f"generator.pipeline {generator.pipeline!r} is not supported; this version renders "
+                       "'StableDiffusionPipeline' archives (SD 1.x/2.x)")
     if generator.scheduler not in DETERMINISTIC_SCHEDULERS:
         raise D3MError(
             f"scheduler {generator.scheduler!r} is not a deterministic (non-ancestral) scheduler; "
             f"supported: {list(DETERMINISTIC_SCHEDULERS)}"
         )
+    algorithm = str(generator.scheduler_config.get("algorithm_type", ""))
+    if algorithm.startswith("sde"):
+        raise D3MError(f"scheduler config algorithm_type {algorithm!r} draws fresh noise every step; "
+                       "seeds would not determine the images (use a non-SDE algorithm_type)")
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
@@ -261,7 +268,15 @@ class Regenerator:
         self._negative: torch.Tensor | None = None
 
     def _check_embeddings(self, embeddings: np.ndarray) -> None:
-        width = self.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+        info, pipe = self.info, self.pipe
+        factor = pipe.vae_scale_factor
+        expected = (pipe.unet.config.in_channels, info.height // factor, info.width // factor)
+        if tuple(info.latent_shape) != expected or info.height % factor or info.width % factor:
+            raise D3MModelError(
+                f"generator.latent_shape {list(info.latent_shape)} does not fit {info.height}x{info.width} px with "
+                f"this model (VAE factor {factor}, {pipe.unet.config.in_channels} latent channels): expected {list(expected)}"
+            )
+        width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
         if embeddings.shape[2] != width:
             raise D3MModelError(
                 f"the archive's embeddings are {embeddings.shape[2]} wide, the text encoder of "

@@ -61,6 +61,8 @@ class LabelEncoding:
         where = "manifest.json: labels"
         if self.kind not in ENCODINGS:
             raise D3MFormatError(f"{where}.encoding must be one of {list(ENCODINGS)}, got {self.kind!r}")
+        if self.kind != "dense" and (isinstance(self.k, bool) or not isinstance(self.k, int)):
+            raise D3MFormatError(f"{where}.k must be an integer for {self.kind}, got {self.k!r}")
         if self.kind == "hard":
             if self.values is not None or self.k != 1:
                 raise D3MFormatError(f"{where}: encoding 'hard' takes k=1 and values=null, got k={self.k}, values={self.values!r}")

@@ -259,7 +259,7 @@ class Manifest:
             sha = m.str("sha256")
             if not _SHA256.match(sha):
                 raise D3MFormatError(f"manifest.json: members.{name}.sha256 must be 64 lowercase hex digits, got {sha!r}")
-            members[name] = MemberInfo(size=m.int("size", 0, 1 << 32), sha256=sha)
+            members[name] = MemberInfo(size=m.int("size", 0, (1 << 32) - 1), sha256=sha)
         manifest = cls(
             dataset=dataset,
             generator=generator,

@@ -233,3 +233,13 @@ def test_load_file_errors(tmp_path):
         d3mfmt.load_file(tmp_path / "nope.d3m")
     with pytest.raises(D3MFormatError, match="is a directory"):
         d3mfmt.load_file(tmp_path)
+
+
+def test_topk_without_k_and_oversized_header_integers(archive_bytes):
+    rejects(with_manifest(archive_bytes, _set(("labels", "k"), None)), "labels.k must be an integer for topk")
+    rejects(with_manifest(archive_bytes, _set(("labels", "k"), _DELETE)), "labels.k must be an integer for topk")
+    raw = members_of(archive_bytes)[2][1]
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8 : 8 + header_len].replace(b'"shape":[', b'"shape":[' + b"9" * 5000 + b",", 1)
+    forged = struct.pack("<Q", len(header)) + header + raw[8 + header_len :]
+    rejects(with_member(archive_bytes, "tensors.safetensors", forged), "header is not valid JSON")

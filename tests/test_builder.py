@@ -154,3 +154,39 @@ def test_shard_parsing_and_launcher_environments():
     for bad in ("4/4", "x", "1/0", "-1/3"):
         with pytest.raises(D3MError, match="--shard"):
             parse_shard(bad)
+
+
+def test_seed_candidates_are_scored_against_the_class_itself(tiny_model, data):
+    from builder.labelling import choose_seeds, render_and_label
+    from d3mfmt.generator import Regenerator
+    from tiny_pipeline import archive_for
+    from tiny_teacher import build_teacher
+
+    arch = archive_for(tiny_model)
+    regen = Regenerator(arch.manifest.generator, arch.embeddings[2:3], device="cpu")
+    candidates = list(range(100, 108))
+    teacher = build_teacher()
+    for target in (0, 2):
+        kept = choose_seeds(regen, 0, target, candidates, 2, teacher, 2, "cpu")
+        probs, _, _ = render_and_label(regen, 0, candidates, teacher, 2, 1.0, None, "cpu")
+        ce = -np.log(probs[:, target]).reshape(8, 4).mean(1)
+        best = sorted(np.argsort(ce, kind="stable")[:2])
+        assert kept == [candidates[k] for k in best], target
+
+
+def test_truncated_image_is_found_before_the_build(tmp_path):
+    folder = make_imagefolder(tmp_path / "trunc")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(folder / "a_red" / "photo.jpg", quality=95)
+    blob = (folder / "a_red" / "photo.jpg").read_bytes()
+    (folder / "a_red" / "photo.jpg").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(D3MError, match="unreadable image .*photo.jpg"):
+        ImageFolderSource(folder).check()
+
+
+def test_bad_label_options_fail_before_building(data, tmp_path):
+    out = subprocess.run([sys.executable, "-c", "from builder.cli import main; main()", str(data), "-o",
+                          str(tmp_path / "o.d3m"), "--labels", "topk", "--values", "f32"], capture_output=True, text=True)
+    assert out.returncode == 1 and "values must be one of" in out.stderr
+    assert not (tmp_path / "o.d3m.work").exists()

@@ -147,3 +147,13 @@ def test_cuda_dataset_in_forked_worker_raises_clear_error(tiny_archive_path, mon
     monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
     with pytest.raises(D3MError, match="forked DataLoader worker"):
         ds[0]
+
+
+def test_concurrent_cache_writes_of_one_image_do_not_collide(ds):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = ds.images([3])[3]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: ds._write_cached(3, x), range(200)))
+    assert torch.equal(ds._read_cached(3), x)
+    assert not list(ds.cache_dir.glob(".*"))  # no temporary files left behind

@@ -113,3 +113,27 @@ def test_reading_does_not_import_torch():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_writer_refuses_what_the_reader_would_reject():
+    from dataclasses import replace
+
+    from d3mfmt import ClassInfo
+
+    a = make_archive()
+    ds = a.manifest.dataset
+    long_name = replace(ds, classes=(ClassInfo("c0", "x" * 300),) + ds.classes[1:])
+    for manifest, field in [
+        (replace(a.manifest, dataset=long_name), r"dataset.classes\[0\].name"),
+        (replace(a.manifest, generator=replace(a.manifest.generator, steps=5000)), "generator.steps"),
+        (replace(a.manifest, labels=replace(a.manifest.labels, temperature=1e-7)), "labels.temperature"),
+    ]:
+        with pytest.raises(d3mfmt.D3MFormatError, match=field):
+            d3mfmt.save(replace(a, manifest=manifest))
+
+
+def test_content_hash_ignores_unknown_member_keys(archive_bytes):
+    from conftest import with_manifest
+
+    extra = with_manifest(archive_bytes, lambda d: d["members"].__setitem__("future.bin", {"size": 1, "sha256": "0" * 64}))
+    assert d3mfmt.load(extra).content_hash == d3mfmt.load(archive_bytes).content_hash

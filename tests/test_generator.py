@@ -151,3 +151,15 @@ def test_golden_vectors_name_a_model_this_package_resolves():
     for path in root.glob("*.d3m"):
         gen = d3mfmt.load_file(path).manifest.generator
         assert resolve_model(gen.model.id).is_dir()
+
+
+def test_stochastic_configs_other_pipelines_and_wrong_latents_are_refused(archive):
+    gen = archive.manifest.generator
+    sde = replace(gen, scheduler="DPMSolverMultistepScheduler",
+                  scheduler_config={**gen.scheduler_config, "algorithm_type": "sde-dpmsolver++"})
+    with pytest.raises(D3MError, match="draws fresh noise"):
+        Regenerator(sde, archive.embeddings, device="cpu")
+    with pytest.raises(D3MError, match="StableDiffusionXLPipeline"):
+        Regenerator(replace(gen, pipeline="StableDiffusionXLPipeline"), archive.embeddings, device="cpu")
+    with pytest.raises(D3MModelError, match=r"latent_shape \[4, 8, 8\] does not fit 32x32"):
+        Regenerator(replace(gen, latent_shape=(4, 8, 8)), archive.embeddings, device="cpu")
