@@ -24,7 +24,7 @@ from d3mfmt.generator import placeholder_prompt
 
 @dataclass(frozen=True)
 class InversionSettings:
-    steps: int = 300
+    steps: int = 100  # demo default, measured in README ("Benchmark"); real SD models need ~1000
     lr: float = 5e-3
     batch: int = 16
     n_vectors: int = 1

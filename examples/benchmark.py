@@ -13,6 +13,7 @@ batch 64, AdamW, cosine) everywhere, accuracy on the 1,000 held-out digits:
   .d3m one-hot            the archive, labels stored as class indices
   .d3m soft (default)     the archive, top-5 u8sqrt labels
   .d3m dense fp32         the archive, full fp32 labels (prices the label encoding)
+  .d3m, no inversion      IPC 10 only: the class word's own embedding, no textual inversion (ablation)
 
 All three archives come from one d3m-build work directory per IPC (the labels
 are encoded at write time), built with the demo defaults. Bytes: PNG files
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_student import TrainConfig, archive_tensors, mnist_eval_set, train  # noqa: E402
 
 import d3mfmt  # noqa: E402
-from builder.build import BuildSettings, build, write_archive  # noqa: E402
+from builder.build import BuildSettings, InversionSettings, build, write_archive  # noqa: E402
 from builder.labelling import teacher_probs  # noqa: E402
 from builder.patches import PatchSettings, make_collages, select_patches  # noqa: E402
 from builder.sources import MnistSource  # noqa: E402
@@ -83,14 +84,20 @@ def rded_patches(ipc: int, teacher, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def build_archives(ipc: int, out: Path) -> dict[str, Path]:
-    """One demo build per IPC, written with three label encodings."""
+    """One demo build per IPC, written with three label encodings; plus, for IPC 10, one without inversion."""
+    paths = {}
+    if ipc == 10:  # ablation: what textual inversion adds over the class word's own embedding
+        wd0 = build(MnistSource("train"), BuildSettings(ipc=ipc, inversion=InversionSettings(steps=0)),
+                    out / f"ipc{ipc}-noinv.work", device="cpu")
+        path = out / f"mnist_ipc{ipc}_no_inversion.d3m"
+        write_archive([wd0.path], path, d3mfmt.LabelEncoding(), path.stem)
+        paths[".d3m soft, no inversion (class word)"] = path
     wd = build(MnistSource("train"), BuildSettings(ipc=ipc), out / f"ipc{ipc}.work", device="cpu")
     encodings = {
         ".d3m one-hot": d3mfmt.LabelEncoding("hard", 1, None),
         ".d3m soft (default)": d3mfmt.LabelEncoding(),
         ".d3m dense fp32": d3mfmt.LabelEncoding("dense", None, "f32"),
     }
-    paths = {}
     for name, enc in encodings.items():
         path = out / f"mnist_ipc{ipc}_{enc.kind}{'' if enc.values is None else '_' + enc.values}.d3m"
         write_archive([wd.path], path, enc, path.stem)
@@ -102,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
