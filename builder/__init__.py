@@ -1,0 +1,1 @@
+"""d3m-build: the producer side (teachers, patch scoring, textual inversion, archive building)."""

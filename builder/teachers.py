@@ -1,0 +1,130 @@
+"""Teachers: the frozen classifiers that score patches and write soft labels.
+
+A teacher is a ``torch.nn.Module`` that takes float images in ``[0, 1]``, NCHW,
+and returns class logits ``[N, num_classes]``. Any normalisation happens inside
+the module, so callers never need to know a teacher's statistics.
+
+Registry (plain dict, name → :class:`TeacherSpec`):
+
+- ``"mnist-cnn"``: a ~0.3M-parameter CNN for 32-px digit patches (white digit
+  on black, as in MNIST and as the built-in ``d3m/tiny-mnist`` model renders
+  them). Accepts 1 or 3 channels; with 3 it averages them first, because the
+  diffusion model's VAE outputs RGB. Trained on the ``"train"`` split of
+  :mod:`d3mfmt.mnist` by ``examples/train_builtin_models.py --only teacher``;
+  fp16 weights in ``builder/weights/mnist-cnn.safetensors``, loaded as float32.
+
+Example:
+    >>> teacher = load_teacher("mnist-cnn")
+    >>> teacher(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from d3mfmt.errors import D3MError
+
+WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
+
+# Pixel statistics of the train split padded to 32 px (measured; the recipe
+# recomputes and prints them).
+MNIST32_MEAN = 0.1002
+MNIST32_STD = 0.2752
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """3×3 conv → batch norm → ReLU, keeping the spatial size."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MnistCNN(nn.Module):
+    """Small VGG-style CNN for 32×32 digit patches; 10 logits out.
+
+    Input: float ``[N, 1 or 3, H, W]`` in ``[0, 1]`` (H = W = 32 expected; the
+    global pooling accepts other sizes). Normalisation is inside.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        w = width
+        self.register_buffer("mean", torch.tensor(MNIST32_MEAN), persistent=False)
+        self.register_buffer("std", torch.tensor(MNIST32_STD), persistent=False)
+        self.features = nn.Sequential(
+            _conv_block(1, w), _conv_block(w, w), nn.MaxPool2d(2),          # 16×16
+            _conv_block(w, 2 * w), _conv_block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8×8
+            _conv_block(2 * w, 4 * w), _conv_block(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * w, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise D3MError(
+                f"mnist-cnn expects images [N, 1 or 3, H, W], got {tuple(images.shape)}"
+            )
+        if images.shape[1] == 3:
+            images = images.mean(dim=1, keepdim=True)
+        x = (images - self.mean) / self.std
+        return self.classifier(self.features(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """How to build a registered teacher and where its weights live."""
+
+    build: Callable[[], nn.Module]
+    weights: pathlib.Path
+    num_classes: int
+    image_size: int
+    description: str
+
+
+TEACHERS: dict[str, TeacherSpec] = {
+    "mnist-cnn": TeacherSpec(
+        build=MnistCNN,
+        weights=WEIGHTS_DIR / "mnist-cnn.safetensors",
+        num_classes=10,
+        image_size=32,
+        description="CNN for 32-px MNIST digit patches (built-in demo teacher)",
+    ),
+}
+
+
+def load_teacher(name: str) -> nn.Module:
+    """Build a registered teacher, load its weights, return it frozen.
+
+    Args:
+        name: a key of :data:`TEACHERS`, e.g. ``"mnist-cnn"``.
+
+    Returns:
+        The module in eval mode, float32, on the CPU, with gradients disabled.
+
+    Example:
+        >>> load_teacher("mnist-cnn").training
+        False
+    """
+    from safetensors.torch import load_file
+
+    if name not in TEACHERS:
+        raise D3MError(f"unknown teacher {name!r}; known teachers: {sorted(TEACHERS)}")
+    spec = TEACHERS[name]
+    if not spec.weights.is_file():
+        raise D3MError(
+            f"teacher {name!r}: weights file {spec.weights} is missing; "
+            "train it with `python examples/train_builtin_models.py --only teacher`"
+        )
+    model = spec.build()
+    state = {k: v.float() for k, v in load_file(spec.weights).items()}
+    model.load_state_dict(state)
+    model.eval().requires_grad_(False)
+    return model
