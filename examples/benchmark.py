@@ -175,3 +175,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
