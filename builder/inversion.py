@@ -123,5 +123,5 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     tenth = max(1, len(losses) // 10)
     curve = [float(np.mean(losses[i : i + tenth])) for i in range(0, len(losses), tenth)]
     if log:
-        log(f"init {init_word!r}, loss {curve[0]:.4f} -> {curve[-1]:.4f}")
+        log(f"init {init_word!r}, " + (f"loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "no inversion steps"))
     return slot_module.vectors.detach().cpu().numpy().astype(np.float32), curve

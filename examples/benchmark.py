@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
     teacher = load_teacher("mnist-cnn")
     eval_set = mnist_eval_set()

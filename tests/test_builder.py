@@ -190,3 +190,10 @@ def test_bad_label_options_fail_before_building(data, tmp_path):
                           str(tmp_path / "o.d3m"), "--labels", "topk", "--values", "f32"], capture_output=True, text=True)
     assert out.returncode == 1 and "values must be one of" in out.stderr
     assert not (tmp_path / "o.d3m.work").exists()
+
+
+def test_zero_inversion_steps_keep_the_initial_word(tiny_model, data, tmp_path):
+    wd = build(ImageFolderSource(data), settings(tiny_model, inversion=InversionSettings(steps=0)), tmp_path / "wd",
+               shard=(0, 3), device="cpu", progress=False)
+    tensors, meta = wd.load_class(0)
+    assert meta["ti_loss"] == [] and tensors["embedding"].shape == (1, 32)
