@@ -197,9 +197,9 @@ class Manifest:
         }
 
     def to_json(self) -> bytes:
-        """Canonical bytes: sorted keys, 1-space indent, UTF-8, trailing newline."""
+        """Canonical bytes: sorted keys, no whitespace, UTF-8, trailing newline (``d3m-inspect --json`` is the readable view)."""
         try:
-            text = json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
+            text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise D3MFormatError(f"manifest.json: cannot be written as JSON ({exc})") from None
         return (text + "\n").encode("utf-8")

@@ -192,7 +192,7 @@ def test_bad_label_options_fail_before_building(data, tmp_path):
     assert not (tmp_path / "o.d3m.work").exists()
 
 
-def test_zero_inversion_steps_keep_the_initial_word(tiny_model, data, tmp_path):
+def test_zero_inversion_steps_still_build_a_class(tiny_model, data, tmp_path):
     wd = build(ImageFolderSource(data), settings(tiny_model, inversion=InversionSettings(steps=0)), tmp_path / "wd",
                shard=(0, 3), device="cpu", progress=False)
     tensors, meta = wd.load_class(0)
