@@ -120,7 +120,7 @@ class PngFolder(Dataset):
 
     def __init__(self, root: Path):
         self.files = sorted(root.glob("*/*.png"))
-        self.classes = {f.parent.name: k for k, f in enumerate(sorted({f.parent for f in self.files}))}
+        self.classes = {name: k for k, name in enumerate(sorted({f.parent.name for f in self.files}))}
 
     def __len__(self):
         return len(self.files)
