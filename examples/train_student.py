@@ -25,7 +25,6 @@ import math
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
