@@ -47,7 +47,7 @@ from d3mfmt.generator import Regenerator, default_device, default_dtype, shared_
 from d3mfmt.manifest import generator_from_dict, generator_to_dict
 from d3mfmt.models import BUILTIN_MODELS, model_identity, resolve_model
 
-from .inversion import InversionSettings, invert_class_token
+from .inversion import TIMESTEP_SAMPLING, InversionSettings, invert_class_token
 from .labelling import choose_seeds, class_seeds, render_and_label
 from .patches import PatchSettings, make_collages, select_patches
 from .teacher_spec import check_teacher_width, resolve_teacher, teacher_identity
@@ -91,6 +91,10 @@ def check_settings(s: BuildSettings) -> None:
         (s.temperature > 0, f"--temperature must be positive, got {s.temperature}"),
         (s.inversion.steps >= 0, f"--ti-steps must be >= 0, got {s.inversion.steps}"),
         (s.inversion.n_vectors >= 1, f"--vectors must be >= 1, got {s.inversion.n_vectors}"),
+        (s.inversion.val_size >= 1, f"inversion val_size must be >= 1, got {s.inversion.val_size}"),
+        (s.inversion.val_every >= 1, f"inversion val_every must be >= 1, got {s.inversion.val_every}"),
+        (s.inversion.timesteps in TIMESTEP_SAMPLING,
+         f"inversion timesteps must be one of {', '.join(TIMESTEP_SAMPLING)}, got {s.inversion.timesteps!r}"),
         (s.patches.n_crops >= 1, f"--n-crops must be >= 1, got {s.patches.n_crops}"),
         (s.prompt_template is None or s.prompt_template.count("{token}") == 1,
          f"--template must contain '{{token}}' exactly once, got {s.prompt_template!r}"),
@@ -207,6 +211,7 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
                 device: str) -> tuple[dict, dict]:
     """Steps 1-6 for one class; returns (tensors, metadata) for its checkpoint."""
     g = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, c, 1]).integers(2**62)))
+    val_g = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, c, 2]).integers(2**62)))
     patch_side = gen.height // s.grid
     times = {}
     # 1-2. real images (loaded at twice the patch side, so crops keep detail) -> most informative patches
@@ -221,8 +226,9 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     times["select"] = time.perf_counter() - t0
     # 4. textual inversion
     t0 = time.perf_counter()
-    vectors, curve = invert_class_token(pipe, collages, info.name, gen.prompt_template, gen.placeholder,
-                                        s.inversion, g, log=lambda m: log.info("class %s: %s", info.name, m))
+    vectors, curve, inversion = invert_class_token(pipe, collages, info.name, gen.prompt_template, gen.placeholder,
+                                                   s.inversion, g, val_g,
+                                                   log=lambda m: log.info("class %s: %s", info.name, m))
     times["invert"] = time.perf_counter() - t0
     # 5-6. seeds, regeneration through d3mfmt, soft labels, fingerprints
     t0 = time.perf_counter()
@@ -242,7 +248,8 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
         "probs": probs.astype(np.float32),
         "fingerprints": prints,
     }
-    return tensors, {"accuracy": accuracy, "ti_loss": curve, "seconds": times, "patch_loss": float(losses.mean())}
+    return tensors, {"accuracy": accuracy, "ti_loss": curve, "inversion": inversion, "seconds": times,
+                     "patch_loss": float(losses.mean())}
 
 
 def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, int] = (0, 1),
@@ -331,8 +338,11 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
     parts = [found[c].load_class(c) for c in range(num_classes)]
     emb = np.stack([t["embedding"] for t, _ in parts])
     agreement = round(float(np.mean([m["accuracy"] for _, m in parts])), 6)
+    # per class: validation loss of the initialising word and of the vector kept
+    inversion = {info["id"]: {k: round(m["inversion"][k], 6) for k in ("val_loss_init", "val_loss_best", "best_step")}
+                 for info, (_, m) in zip(record["classes"], parts)}
     manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
-                                {"regenerated_patch_agreement": agreement})
+                                {"regenerated_patch_agreement": agreement, "inversion": inversion})
     archive = d3mfmt.Archive(
         manifest,
         embeddings=emb.astype(np.float16),

@@ -8,6 +8,15 @@ input-embedding rows receive gradients: the token-embedding module is
 swapped for one that reads those rows from a small trainable parameter, so the
 rest of the vocabulary cannot drift (diffusers' script restores the other rows
 after every step to the same effect).
+
+The training loss is a mean over random collages, timesteps and noise, so its
+curve cannot tell progress from chance. Progress is measured instead on a fixed
+validation set per class: ``val_size`` (collage, timestep, noise) triples drawn
+once, before training, from their own generator, with timesteps stratified over
+the whole schedule. The vector is evaluated on it at step 0 (the initialising
+word) and every ``val_every`` steps, and the best one is kept, so inversion can
+never return a vector that denoises the class's collages worse than the word it
+started from.
 """
 
 from __future__ import annotations
@@ -30,6 +39,21 @@ class InversionSettings:
     n_vectors: int = 1
     weight_decay: float = 0.0
     generic_word: str = "object"  # initialiser when the tokenizer does not know the class name
+    timesteps: str = "uniform"  # training timesteps per batch: "uniform" (i.i.d.) or "stratified" (one per stratum)
+    val_size: int = 32  # fixed validation triples (collage, timestep, noise) per class
+    val_every: int = 10  # validate (and keep the best vector) every N steps
+
+
+TIMESTEP_SAMPLING = ("uniform", "stratified")
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """Fixed (clean latent, timestep, noise) triples on which every candidate vector is scored."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
 
 
 class SlotEmbedding(torch.nn.Module):
@@ -82,46 +106,101 @@ def encode_latents(pipe, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
     return torch.cat(out).float()
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, how: str, g: torch.Generator) -> torch.Tensor:
+    """``n`` timesteps: i.i.d. uniform, or stratified (one uniform draw in each of ``n`` equal strata)."""
+    if how == "uniform":
+        return torch.randint(num_train_timesteps, (n,), generator=g)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    return ((torch.arange(n, dtype=torch.float64) + u) * num_train_timesteps / n).long().clamp_(max=num_train_timesteps - 1)
+
+
+def draw_validation_set(latents: torch.Tensor, size: int, num_train_timesteps: int, g: torch.Generator) -> ValidationSet:
+    """``size`` triples from ``g`` alone: collages cycled in a random order, stratified timesteps, fresh noise."""
+    order = torch.randperm(len(latents), generator=g)
+    pick = order[torch.arange(size) % len(latents)]
+    t = sample_timesteps(size, num_train_timesteps, "stratified", g)
+    noise = torch.randn((size, *latents.shape[1:]), generator=g)
+    return ValidationSet(latents[pick], t, noise)
+
+
+def denoising_loss(pipe, ids: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise_sched,
+                   reduction: str = "mean") -> torch.Tensor:
+    """MSE between the frozen UNet's prediction (conditioned on prompt ``ids``) and its target at ``t``."""
+    device = pipe.unet.device
+    z0, noise, t = z0.to(device), noise.to(device), t.to(device)
+    zt = noise_sched.add_noise(z0, noise, t)
+    target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        cond = pipe.text_encoder(ids.expand(len(z0), -1))[0]
+        pred = pipe.unet(zt.to(pipe.unet.dtype), t, encoder_hidden_states=cond).sample
+    err = (pred.float() - target.float()).pow(2)
+    return err.mean() if reduction == "mean" else err.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def validation_loss(pipe, ids: torch.Tensor, val: ValidationSet, noise_sched, batch: int) -> float:
+    """Mean denoising loss over the fixed validation triples (batched; same value whatever ``batch``)."""
+    total = 0.0
+    for start in range(0, len(val.latents), batch):
+        sl = slice(start, start + batch)
+        total += float(denoising_loss(pipe, ids, val.latents[sl], val.timesteps[sl], val.noise[sl], noise_sched,
+                                      reduction="none").double().sum())
+    return total / len(val.latents)
+
+
 def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: str, placeholder: str,
-                       settings: InversionSettings, g: torch.Generator, log=None) -> tuple[np.ndarray, list[float]]:
+                       settings: InversionSettings, g: torch.Generator, val_g: torch.Generator,
+                       log=None) -> tuple[np.ndarray, list[float], dict]:
     """Learn ``[n_vectors, D]`` so the frozen model renders ``collages`` from the template prompt.
 
+    Args:
+        g: the training stream (batches, timesteps, noise).
+        val_g: draws the fixed validation set only, so validation never changes the training stream.
+
     Returns:
-        (the vectors as float32 numpy, mean loss of each tenth of the run).
+        (the best vectors on the validation set as float32 numpy, mean training loss of each tenth of
+        the run, ``{"val_loss_init", "val_loss_best", "best_step", "val_curve"}``; best_step 0 is the
+        initialisation, val_curve the (step, validation loss) pairs scored).
     """
     from diffusers import DDPMScheduler
 
-    device = pipe.unet.device
-    # 1. fixed inputs: latents of the class's collages, the prompt's token ids
+    # 1. fixed inputs: latents of the class's collages, the prompt's token ids, the validation triples
     latents = encode_latents(pipe, collages)
     ids, slots = placeholder_prompt(pipe, template, placeholder, settings.n_vectors)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction = noise_sched.config.prediction_type
+    num_t = noise_sched.config.num_train_timesteps
+    val = draw_validation_set(latents, settings.val_size, num_t, val_g)
     # 2. the only trainable tensor: the slot rows, initialised from a real word
     init, init_word = initial_vector(pipe, class_name, settings.generic_word)
     slot_module = SlotEmbedding(pipe.text_encoder.get_input_embeddings(), slots, init.expand(settings.n_vectors, -1))
     opt = torch.optim.AdamW([slot_module.vectors], lr=settings.lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     losses = []
-    # 3. noise-prediction MSE over random collages and timesteps
     with swapped_token_embedding(pipe.text_encoder, slot_module):
-        for _ in range(settings.steps):
+        # 3. score the initialising word: the vector to beat
+        best = slot_module.vectors.detach().clone()
+        val_init = val_best = validation_loss(pipe, ids, val, noise_sched, settings.batch)
+        best_step, val_curve = 0, [(0, val_init)]
+        # 4. noise-prediction MSE over random collages and timesteps; validate every val_every steps, keep the best
+        for step in range(1, settings.steps + 1):
             pick = torch.randint(len(latents), (settings.batch,), generator=g)
-            z0 = latents[pick].to(device)
-            noise = torch.randn(z0.shape, generator=g).to(device)
-            t = torch.randint(noise_sched.config.num_train_timesteps, (settings.batch,), generator=g).to(device)
-            zt = noise_sched.add_noise(z0, noise, t)
-            target = noise if prediction == "epsilon" else noise_sched.get_velocity(z0, noise, t)
-            with autocast:
-                cond = pipe.text_encoder(ids.expand(settings.batch, -1))[0]
-                pred = pipe.unet(zt.to(pipe.unet.dtype), t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred.float(), target.float())
+            noise = torch.randn(latents[pick].shape, generator=g)
+            t = sample_timesteps(settings.batch, num_t, settings.timesteps, g)
+            loss = denoising_loss(pipe, ids, latents[pick], t, noise, noise_sched)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if step % settings.val_every == 0 or step == settings.steps:
+                current = validation_loss(pipe, ids, val, noise_sched, settings.batch)
+                val_curve.append((step, current))
+                if current < val_best:
+                    val_best, best_step, best = current, step, slot_module.vectors.detach().clone()
     tenth = max(1, len(losses) // 10)
     curve = [float(np.mean(losses[i : i + tenth])) for i in range(0, len(losses), tenth)]
+    stats = {"val_loss_init": val_init, "val_loss_best": val_best, "best_step": best_step, "val_curve": val_curve}
     if log:
-        log(f"init {init_word!r}, " + (f"loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "no inversion steps"))
-    return slot_module.vectors.detach().cpu().numpy().astype(np.float32), curve
+        change = 100 * (val_best - val_init) / val_init if val_init else 0.0
+        log(f"init {init_word!r}, val loss {val_init:.4f} -> {val_best:.4f} ({change:+.1f}%, at step {best_step} "
+            f"of {settings.steps})" + (f", train loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else ""))
+    return best.cpu().numpy().astype(np.float32), curve, stats

@@ -9,6 +9,29 @@ from .labels import decompress
 from .manifest import Manifest
 
 
+def inversion_summary(build: dict) -> dict | None:
+    """The builder's per-class inversion validation losses, summed up; None if the build info has none.
+
+    ``build`` is free-form provenance, so entries that are not ``{"val_loss_init": x > 0,
+    "val_loss_best": y, ...}`` are counted as unreadable rather than trusted.
+    """
+    per_class = build.get("inversion") if isinstance(build, dict) else None
+    if not isinstance(per_class, dict) or not per_class:
+        return None
+    changes = []
+    for entry in per_class.values():
+        init = entry.get("val_loss_init") if isinstance(entry, dict) else None
+        best = entry.get("val_loss_best") if isinstance(entry, dict) else None
+        if isinstance(init, (int, float)) and isinstance(best, (int, float)) and init > 0:
+            changes.append((best - init) / init)
+    return {
+        "classes": len(per_class),
+        "improved": sum(c < 0 for c in changes),
+        "unreadable": len(per_class) - len(changes),
+        "mean_val_loss_change": round(sum(changes) / len(changes), 6) if changes else None,
+    }
+
+
 def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict:
     """A JSON-able summary of a loaded archive.
 
@@ -60,6 +83,7 @@ def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict
             "bytes_per_patch": round(members[container.LABELS] / ds.num_patches, 2),
         },
         "fingerprints": None if m.fingerprint_size is None else {"size": m.fingerprint_size},
+        "inversion": inversion_summary(m.build),
     }
 
 
@@ -90,8 +114,13 @@ def render_text(s: dict, max_names: int = 6) -> str:
         f"embeddings    {s['embeddings']['n_vectors']} x {s['embeddings']['dim']} {s['embeddings']['dtype']} per class",
         f"teacher       {teacher_line}",
         f"labels        {lab['encoding']}{k}{values} (T={lab['temperature']}), {lab['bytes_per_patch']} bytes/patch",
-        "members",
     ]
+    inv = s.get("inversion")
+    if inv:
+        mean = "" if inv["mean_val_loss_change"] is None else f", mean {100 * inv['mean_val_loss_change']:+.1f}%"
+        bad = f", {inv['unreadable']} unreadable" if inv["unreadable"] else ""
+        lines.append(f"inversion     val loss improved on {inv['improved']}/{inv['classes']} classes{mean}{bad}")
+    lines.append("members")
     lines += [f"  {name:<22}{size:>12,} bytes" for name, size in s["members"].items()]
     return "\n".join(lines)
 

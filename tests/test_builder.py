@@ -197,3 +197,21 @@ def test_zero_inversion_steps_still_build_a_class(tiny_model, data, tmp_path):
                shard=(0, 3), device="cpu", progress=False)
     tensors, meta = wd.load_class(0)
     assert meta["ti_loss"] == [] and tensors["embedding"].shape == (1, 32)
+
+
+def test_build_info_records_inversion_validation_per_class(single_run):
+    from d3mfmt.summary import inversion_summary
+
+    a = d3mfmt.load_file(single_run)
+    inv = a.manifest.build["inversion"]
+    assert sorted(inv) == ["a_red", "b_green", "c_blue"]
+    for entry in inv.values():
+        assert set(entry) == {"val_loss_init", "val_loss_best", "best_step"}
+        assert entry["val_loss_best"] <= entry["val_loss_init"] and 0 <= entry["best_step"] <= 4
+    summary = inversion_summary(a.manifest.build)
+    assert summary["classes"] == 3 and summary["unreadable"] == 0
+    assert summary["improved"] == sum(e["val_loss_best"] < e["val_loss_init"] for e in inv.values())
+    text = subprocess.run([sys.executable, "-c", "from d3mfmt.cli import inspect_main; inspect_main()", str(single_run)],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"val loss improved on {summary['improved']}/3 classes" in text
+    assert inversion_summary({"inversion": {"x": {"val_loss_init": "?"}}})["unreadable"] == 1
