@@ -22,6 +22,7 @@ started from.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,7 +162,7 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     Returns:
         (the best vectors on the validation set as float32 numpy, mean training loss of each tenth of
         the run, ``{"val_loss_init", "val_loss_best", "best_step", "val_curve"}``; best_step 0 is the
-        initialisation, val_curve the (step, validation loss) pairs scored).
+        initialisation, val_curve the (step, validation loss) pairs scored, val_seconds their cost).
     """
     from diffusers import DDPMScheduler
 
@@ -179,7 +180,9 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     with swapped_token_embedding(pipe.text_encoder, slot_module):
         # 3. score the initialising word: the vector to beat
         best = slot_module.vectors.detach().clone()
+        t0 = time.perf_counter()
         val_init = val_best = validation_loss(pipe, ids, val, noise_sched, settings.batch)
+        val_seconds = time.perf_counter() - t0
         best_step, val_curve = 0, [(0, val_init)]
         # 4. noise-prediction MSE over random collages and timesteps; validate every val_every steps, keep the best
         for step in range(1, settings.steps + 1):
@@ -192,15 +195,18 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
             opt.step()
             losses.append(float(loss.detach()))
             if step % settings.val_every == 0 or step == settings.steps:
+                t0 = time.perf_counter()
                 current = validation_loss(pipe, ids, val, noise_sched, settings.batch)
+                val_seconds += time.perf_counter() - t0
                 val_curve.append((step, current))
                 if current < val_best:
                     val_best, best_step, best = current, step, slot_module.vectors.detach().clone()
     tenth = max(1, len(losses) // 10)
     curve = [float(np.mean(losses[i : i + tenth])) for i in range(0, len(losses), tenth)]
-    stats = {"val_loss_init": val_init, "val_loss_best": val_best, "best_step": best_step, "val_curve": val_curve}
+    stats = {"val_loss_init": val_init, "val_loss_best": val_best, "best_step": best_step, "val_curve": val_curve,
+             "val_seconds": val_seconds}
     if log:
         change = 100 * (val_best - val_init) / val_init if val_init else 0.0
         log(f"init {init_word!r}, val loss {val_init:.4f} -> {val_best:.4f} ({change:+.1f}%, at step {best_step} "
-            f"of {settings.steps})" + (f", train loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else ""))
+            f"of {settings.steps}; validation {val_seconds:.1f}s)" + (f", train loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else ""))
     return best.cpu().numpy().astype(np.float32), curve, stats
