@@ -191,7 +191,7 @@ def main() -> None:
         run(f".d3m, {label}", ax, ap_, path.stat().st_size,
             {"inversion": build_info["inversion"], "agreement": build_info["regenerated_patch_agreement"]})
 
-    stem = f"{args.source}-{tag}"
+    stem = f"{args.source}-{tag}" + "".join(f"-no-{row}" for row in sorted(args.skip))
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     lines = [f"| source | method | bytes | accuracy % (mean ± std, {len(args.seeds)} seeds) | teacher agreement |",
              "|---|---|---:|---:|---:|"]
