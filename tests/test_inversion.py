@@ -90,3 +90,16 @@ def test_validation_does_not_change_the_training_stream(pipe, collages):
     _, curve_a, _ = invert(pipe, collages, lr=1e-2, val_size=8, val_every=3)
     _, curve_b, _ = invert(pipe, collages, lr=1e-2, val_size=5, val_every=4)
     assert curve_a == curve_b
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(val_every=0), "val_every must be >= 1"),
+    (dict(val_size=0), "val_size must be >= 1"),
+    (dict(timesteps="late"), "timesteps must be one of uniform, stratified"),
+])
+def test_bad_validation_settings_are_refused(bad, message):
+    from builder.build import BuildSettings, check_settings
+    from d3mfmt import D3MError
+
+    with pytest.raises(D3MError, match=message):
+        check_settings(BuildSettings(inversion=InversionSettings(**bad)))
