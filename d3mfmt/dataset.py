@@ -49,6 +49,8 @@ class D3MDataset(torch.utils.data.Dataset):
         path: the .d3m file.
         unit: ``"patch"`` (default) or ``"image"``.
         transform: applied to each image tensor.
+        target_transform: applied to each soft label (``[C]``, or ``[grid**2, C]`` with ``unit="image"``),
+            e.g. sharpening with a temperature or ``lambda p: p.argmax()`` for hard labels.
         cache_dir: where rendered images are kept (default ``$D3MFMT_CACHE_DIR``
             or ``~/.cache/d3mfmt``, subfolder ``images``).
         model: model id or directory overriding the archive's (see Regenerator).
@@ -63,6 +65,7 @@ class D3MDataset(torch.utils.data.Dataset):
         *,
         unit: str = "patch",
         transform=None,
+        target_transform=None,
         cache_dir: str | os.PathLike | None = None,
         model: str | None = None,
         device: str | None = None,
@@ -76,6 +79,7 @@ class D3MDataset(torch.utils.data.Dataset):
             raise D3MError(f"render_batch must be a positive integer, got {render_batch!r}")
         self.path = Path(path)
         self.unit, self.transform, self.render_batch = unit, transform, render_batch
+        self.target_transform = target_transform
         self.model, self.allow_model_mismatch = model, allow_model_mismatch
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
@@ -154,6 +158,8 @@ class D3MDataset(torch.utils.data.Dataset):
                 label = torch.from_numpy(self.archive.labels.dense(slice(k * g2, (k + 1) * g2)))
             if self.transform is not None:
                 x = self.transform(x)
+            if self.target_transform is not None:
+                label = self.target_transform(label)
             items.append((x, label, image_idx // self.ipc))
         return items
 
