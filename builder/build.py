@@ -47,9 +47,10 @@ from d3mfmt.container import write_atomic
 from d3mfmt.generator import Regenerator, check_device, default_device, default_dtype, shared_pipeline
 from d3mfmt.manifest import generator_from_dict, generator_to_dict
 from d3mfmt.models import model_identity, resolve_model
+from d3mfmt.summary import LOW_AGREEMENT_FLOOR
 
 from .defaults import resolve_settings
-from .guards import DOMAIN_FLOOR, check_class_order, domain_message, domain_problems, teacher_confusion
+from .guards import check_class_order, domain_message, domain_problems, teacher_confusion
 from .inversion import InversionSettings, invert_class_token
 from .labelling import choose_seeds, class_seeds, render_and_label
 from .patches import PatchSettings, make_collages, select_patches
@@ -317,7 +318,7 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
     # 2. the teacher's logits must be in the data's class order (every shard checks all classes alike)
     if check_order:
         order = check_class_order(teacher_confusion(source, teacher, patch_side, device), classes, order_suggestion)
-        for c in np.flatnonzero(order.agreement < DOMAIN_FLOOR):
+        for c in np.flatnonzero(order.agreement < LOW_AGREEMENT_FLOOR):
             log.warning("class %s: the teacher takes only %.0f%% of its real images for this class; is the teacher "
                         "trained on this data, in this class order?", classes[c].name, 100 * order.agreement[c])
     # 3. bind the work directory to exactly this build; check the archive it will make is valid

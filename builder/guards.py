@@ -8,7 +8,7 @@
    folders to logits) for the user to pass back with ``--classes``.
 2. **Model domain.** After a class is regenerated, the teacher's agreement
    with the class on regenerated patches is compared with its agreement on the
-   selected real patches. Far below means the model does not render this
+   selected real patches. Far below (d3mfmt.summary.low_agreement) means the model does not render this
    class the way the teacher sees it; the archive would train poorly.
 """
 
@@ -22,12 +22,11 @@ import torch
 
 from d3mfmt import ClassInfo, D3MError
 from d3mfmt.container import write_atomic
+from d3mfmt.summary import low_agreement
 
 ORDER_SAMPLE = 32  # real images per class the class-order check classifies
 ORDER_MISMATCH = 0.5  # a class is misordered when over half its images go to one other class ...
 ORDER_GAIN = 0.2  # ... and reordering the classes raises the overall agreement by 20 points or more
-DOMAIN_RATIO = 0.5  # regenerated agreement below half the real agreement is low ...
-DOMAIN_FLOOR = 0.5  # ... and so is any agreement under 50 %
 
 
 @torch.no_grad()
@@ -146,12 +145,8 @@ def check_class_order(counts: np.ndarray, classes: list[ClassInfo], suggestion: 
 
 
 def domain_problems(real: list[float | None], regenerated: list[float]) -> list[int]:
-    """Classes whose regenerated-patch agreement is far below the real one (or under 50 %)."""
-    low = []
-    for c, (r, g) in enumerate(zip(real, regenerated)):
-        if g < DOMAIN_FLOOR or (r is not None and g < DOMAIN_RATIO * r):
-            low.append(c)
-    return low
+    """Classes whose regenerated-patch agreement is far below the real one (or under 50 %): d3m-inspect's rule."""
+    return [c for c, (r, g) in enumerate(zip(real, regenerated)) if low_agreement(r, g)]
 
 
 def domain_message(name: str, real: float | None, regenerated: float) -> str:

@@ -40,7 +40,7 @@ def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[i
         elif part in names:
             out.append(names.index(part))
         else:
-            raise D3MError(f"--classes: {part!r} is not a class index (0..{len(names) - 1}), id or name of this archive")
+            raise D3MError(f"--select: {part!r} is not a class index (0..{len(names) - 1}), id or name of this archive")
     return out
 
 
@@ -49,10 +49,10 @@ def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[i
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--check", "check_only", is_flag=True, help="Validate everything; exit 0 if valid, 1 otherwise.")
 @click.option("--verify", is_flag=True, help="Regenerate a sample and compare fingerprints; exit 1 beyond the tolerance.")
-@click.option("--n", "n_verify", type=int, default=8, show_default=True, help="Images --verify regenerates.")
+@click.option("--verify-images", "n_verify", type=int, default=8, show_default=True, help="Images --verify regenerates.")
 @click.option("--tolerance", type=int, default=None, help="--verify tolerance in 8-bit levels [default: 8].")
 @click.option("--preview", type=click.Path(dir_okay=False), help="Write a PNG grid of regenerated images, a row per class.")
-@click.option("--classes", help="Classes for --preview: comma-separated indices, ids or names.")
+@click.option("--select", "classes", help="Classes --preview draws: comma-separated indices, ids or names [default: all].")
 @click.option("--per-class", type=int, default=8, show_default=True, help="Images per class in --preview.")
 @click.option("--export-images", type=click.Path(file_okay=False), help="Write PNGs in an ImageFolder layout.")
 @click.option("--unit", type=click.Choice(["patch", "image"]), default="patch", show_default=True,

@@ -85,6 +85,14 @@ def test_domain_guard_warns_records_and_min_agreement_fails(tiny_model, data, tm
     assert f"WARNING: {len(low)} of 3 classes render poorly" in result.stderr
     assert "the model does not render this class's images the way your teacher sees them" in result.stderr
     assert np.isclose(build["regenerated_patch_agreement"], np.mean(regen), atol=1e-4)
+    # d3m-inspect shows the agreement and marks the same low classes
+    from d3mfmt.cli import inspect_main
+
+    shown = CliRunner().invoke(inspect_main, [str(out)])
+    assert shown.exit_code == 0 and f"of regenerated patches (selected real patches: {100 * np.mean(real):.1f}%)" in shown.output
+    assert f"LOW         {len(low)} of 3 classes render poorly" in shown.output
+    as_json = json.loads(CliRunner().invoke(inspect_main, [str(out), "--json"]).output)
+    assert [r["id"] for r in as_json["agreement"]["low"]] == [("a_red", "b_green", "c_blue")[c] for c in low]
     # the same build with a threshold above a class's agreement: a clean failure, no archive
     strict = tmp_path / "strict.d3m"
     failed = CliRunner().invoke(main, [str(data), "-o", str(strict), *tiny_args(tiny_model),
