@@ -92,7 +92,9 @@ def test_hub_id_stays_offline_by_default_even_without_hf_hub_offline(hf_cache, s
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)  # a hub that would answer (and count) any request
+    # a hub that would answer (and count) any request
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
     link = place_in_hf_cache(hf_cache, "org/mnist-d3m", "topk.d3m", DATA)
     assert resolve_archive("hf://datasets/org/mnist-d3m/topk.d3m") == link
     with pytest.raises(D3MError, match="allow_download=True"):
@@ -144,14 +146,18 @@ class Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             timeout = 5  # a stuck client cannot hold the thread
 
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            def do_GET(self, head=False):  # noqa: N802 (http.server's name)
                 owner.requests.append(self.path)
                 status, body, length = owner.routes.get(self.path, (404, b"", 0))
                 self.send_response(status)
                 if length is not None:
                     self.send_header("Content-Length", str(length))
                 self.end_headers()
-                self.wfile.write(body)  # HTTP/1.0: the connection closes after the handler
+                if not head:
+                    self.wfile.write(body)  # HTTP/1.0: the connection closes after the handler
+
+            def do_HEAD(self):  # noqa: N802
+                self.do_GET(head=True)
 
             def log_message(self, *args):
                 pass
