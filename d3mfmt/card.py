@@ -50,7 +50,8 @@ HUB_LICENSES = frozenset(
 )
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~&])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")  # inline markup, links, HTML, table cells
+_MD_LEADING = re.compile(r"^(?:([#+\-=])|(\d+)([.)]))(?=\s|$)")  # what opens a heading or list at a line start
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -66,8 +67,9 @@ def one_line(text, limit: int = MAX_VALUE_CHARS) -> str:
 
 
 def md_escape(text, limit: int = MAX_VALUE_CHARS) -> str:
-    """Untrusted text as inert Markdown: one line, every markup character backslash-escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", one_line(text, limit))
+    """Untrusted text as inert Markdown: one line, inline markup escaped, no heading or list opened."""
+    text = _MD_SPECIAL.sub(r"\\\1", one_line(text, limit))
+    return _MD_LEADING.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", text)
 
 
 def md_code(text, limit: int = MAX_VALUE_CHARS) -> str:
