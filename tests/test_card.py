@@ -14,7 +14,7 @@ from PIL import Image
 from test_sources import place_in_hf_cache
 
 import d3mfmt
-from d3mfmt import ClassInfo, D3MError, SourceInfo, container
+from d3mfmt import ClassInfo, D3MError, ModelRef, SourceInfo, container
 from d3mfmt.card import (
     CARD_PREVIEW_CLASSES,
     build_rows,
@@ -66,7 +66,8 @@ def test_hostile_manifest_strings_stay_inert():
     build = {"tool": "d3mfmt 0.1.0", "command": "d3m-build | rm -rf /", "nested": {"deep": {"ok": True, "none": None}},
              "per_class_agreement": [0.5 + i / 2000 for i in range(1000)], "small": [1, 2.5, "a|b"],
              "stats": [{"loss": 0.25}, {"loss": 0.125}]}
-    archive = replace(base, manifest=replace(base.manifest, dataset=ds, build=build))
+    gen = replace(base.manifest.generator, model=ModelRef("evil/```sh\nrm", "v1; rm -rf ~", None))
+    archive = replace(base, manifest=replace(base.manifest, dataset=ds, generator=gen, build=build))
     text = card_for(archive)
     card = DatasetCard(text)
     # 1. the front matter: parsed by the Hub's own code, hostile text kept to one line of one key
@@ -82,7 +83,8 @@ def test_hostile_manifest_strings_stay_inert():
     assert "<script>" not in card.text and "\\<script\\>" in card.text
     assert "[link](https" not in card.text and "\\[link\\](https" in card.text
     # 3. no fence a class name could open: only the card's own python and bash blocks
-    assert re.findall(r"^`{3,}(\w*)$", card.text, flags=re.M) == ["python", "", "bash", ""]
+    assert re.findall(r"^`{3,}(\w*)$", card.text, flags=re.M) == ["python", "", "bash", "", "bash", ""]
+    assert "huggingface-cli download 'evil/```sh rm' --revision 'v1; rm -rf ~'" in card.text
     # 4. build info rendered generically
     assert "| per\\_class\\_agreement | 1000 values: min 0.5, mean 0.74975, max 0.9995 |" in card.text
     assert "| nested.deep.ok | true |" in card.text and "| stats\\[1\\].loss | 0.125 |" in card.text

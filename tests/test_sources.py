@@ -124,6 +124,16 @@ def test_dataset_and_inspect_accept_hub_ids(hf_cache):
     assert out.returncode == 1 and "--allow-download" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_dataset_passes_the_same_switch_to_model_resolution(hf_cache):
+    from d3mfmt import D3MDataset
+
+    with pytest.raises(D3MError, match="allow_download=True"):
+        D3MDataset(TOPK, model="org/not-cached", device="cpu").cache_dir
+    # allowed: the model would be fetched, and HF_HUB_OFFLINE (set for the suite) is what stops it
+    with pytest.raises(D3MError, match="HF_HUB_OFFLINE is set"):
+        D3MDataset(TOPK, model="org/not-cached", device="cpu", allow_download=True).regenerator
+
+
 def test_sha256_checks_a_local_file_too():
     assert resolve_archive(TOPK, sha256=DIGEST) == TOPK
     assert resolve_archive(TOPK, sha256="sha256:" + DIGEST.upper()) == TOPK
