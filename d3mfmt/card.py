@@ -201,21 +201,26 @@ def _model_needs(gen) -> str:
     )
 
 
-def card_text(archive: Archive, members: dict[str, int], file_bytes: int, file_sha256: str, file_name: str,
-              repo_id: str | None = None, preview: bool = True) -> str:
-    """The README.md of a dataset card: YAML front matter, then the body, from the manifest only.
+def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, preview: bool = True) -> str:
+    """The README.md of a dataset card: YAML front matter, then the body, from the archive's manifest.
 
     Args:
-        archive: the loaded archive.
-        members: member name -> bytes, in archive order.
-        file_bytes, file_sha256: size and sha256 of the whole file.
+        data: the archive's bytes (validated here).
         file_name: the archive's file name in the card folder.
         repo_id: ``ORG/NAME`` of the hub dataset; the loading snippet then uses its hf:// id.
         preview: the folder holds preview.png.
+
+    Example:
+        >>> text = card_text(open("spec/vectors/topk.d3m", "rb").read(), "topk.d3m")   # doctest: +SKIP
+        >>> text.splitlines()[1]                                                     # doctest: +SKIP
+        'license: cc-by-sa-3.0'
     """
     import yaml
 
-    s = summarize(archive, members, file_bytes)
+    members = container.read_zip(data)
+    archive = load_members(members)
+    file_bytes, file_sha256 = len(data), hashlib.sha256(data).hexdigest()
+    s = summarize(archive, {name: len(b) for name, b in members.items()}, file_bytes)
     m = archive.manifest
     ds, gen, lab, teacher = m.dataset, m.generator, s["labels"], m.teacher
     ref = f"hf://datasets/{repo_id}/{file_name}" if repo_id else file_name
@@ -322,22 +327,19 @@ def write_card(source, out_dir: str | os.PathLike, *, repo_id: str | None = None
         from .dataset import D3MDataset
 
         source = D3MDataset(source)
-    # 2. the archive's bytes, decoded once
+    # 2. the archive's bytes and the card's text, before anything is written
     data = container.read_bytes(source.path)
-    members = container.read_zip(data)
-    archive = load_members(members)
     file_name = _SAFE_FILE.sub("_", Path(source.path).name).strip("._") or "archive.d3m"
     file_name = file_name if file_name.endswith(".d3m") else file_name + ".d3m"
+    text = card_text(data, file_name, repo_id=repo_id)
     # 3. assemble in a temporary folder beside out_dir, then rename it into place
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         from .export import preview_grid
 
-        classes = list(range(min(preview_classes, archive.manifest.dataset.num_classes)))
+        classes = list(range(min(preview_classes, source.num_classes)))
         preview_grid(source, classes, per_class).save(tmp / PREVIEW)
         container.write_atomic(tmp / file_name, data)
-        text = card_text(archive, {n: len(b) for n, b in members.items()}, len(data),
-                         hashlib.sha256(data).hexdigest(), file_name, repo_id=repo_id)
         (tmp / README).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)
         if out.is_dir():

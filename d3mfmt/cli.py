@@ -84,8 +84,8 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
             raise D3MError("--repo-id names where a --card folder goes; pass --card DIR too")
         from .sources import resolve_archive
 
-        path = str(resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned))
-        data = container.read_bytes(path)
+        local = str(resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned))
+        data = container.read_bytes(local)
         if check_only:
             problems = check(data)
             for problem in problems:
@@ -113,7 +113,7 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
         if preview or export_images or card:
             from .dataset import D3MDataset
 
-            ds = D3MDataset(path, unit=unit, cache_dir=cache_dir, **render)
+            ds = D3MDataset(local, unit=unit, cache_dir=cache_dir, **render)
             if preview:
                 from .export import preview_grid
 

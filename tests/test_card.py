@@ -9,12 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import make_archive
+from conftest import make_archive, with_manifest
 from PIL import Image
 from test_sources import place_in_hf_cache
 
 import d3mfmt
-from d3mfmt import ClassInfo, D3MError, ModelRef, SourceInfo, container
+from d3mfmt import ClassInfo, D3MError, ModelRef, SourceInfo
 from d3mfmt.card import (
     CARD_PREVIEW_CLASSES,
     build_rows,
@@ -49,11 +49,7 @@ def python_block(text: str) -> str:
 
 
 def card_for(archive, name="x.d3m", repo_id=None) -> str:
-    data = d3mfmt.save(archive)
-    members = container.read_zip(data)
-    archive = d3mfmt.load(data)
-    return card_text(archive, {n: len(b) for n, b in members.items()}, len(data),
-                     hashlib.sha256(data).hexdigest(), name, repo_id=repo_id)
+    return card_text(d3mfmt.save(archive), name, repo_id=repo_id)
 
 
 def test_hostile_manifest_strings_stay_inert():
@@ -89,6 +85,15 @@ def test_hostile_manifest_strings_stay_inert():
     assert "| per\\_class\\_agreement | 1000 values: min 0.5, mean 0.74975, max 0.9995 |" in card.text
     assert "| nested.deep.ok | true |" in card.text and "| stats\\[1\\].loss | 0.125 |" in card.text
     assert "d3m-build \\| rm -rf /" in card.text
+
+
+def test_unpaired_surrogate_in_a_manifest_is_a_format_error():
+    # valid JSON, but no UTF-8 step after the reader (content hash, card, summary) could encode it
+    data = with_manifest(d3mfmt.save(make_archive()), lambda d: d["build"].update(note="lone \ud800"))
+    with pytest.raises(d3mfmt.D3MFormatError, match="unpaired surrogate escape near .*note"):
+        d3mfmt.load(data)
+    with pytest.raises(d3mfmt.D3MFormatError, match="unpaired surrogate"):
+        card_text(data, "x.d3m")
 
 
 def test_build_rows_and_front_matter_helpers():
