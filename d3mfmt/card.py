@@ -188,7 +188,11 @@ def loading_snippet(ref: str, allow_download: bool) -> str:
 def _model_needs(gen) -> str:
     model = gen.model
     if model.id.startswith(BUILTIN_NAMESPACE):
-        return f"The model {md_code(model.id)} is built into d3mfmt: `pip install d3mfmt` is all it takes."
+        return f"The model {md_code(model.id)} ships inside d3mfmt: there is nothing else to download."
+    identity = md_code(model.identity or "not pinned")
+    if not _REPO_ID.match(model.id):
+        return (f"The model was a local folder ({md_code(model.id)}) when this archive was built: you need the same "
+                f"weights (content hash {identity}) as a diffusers folder, passed as `D3MDataset(..., model=FOLDER)`.")
     command = ["huggingface-cli", "download", one_line(model.id)]
     if model.revision:
         command += ["--revision", one_line(model.revision)]
@@ -277,14 +281,16 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
         "no source recorded" if ds.source is None else
         f"- {md_escape(ds.source.name)}, fingerprint {md_code(ds.source.fingerprint or 'none')}, "
         f"licence {md_escape(ds.source.license or 'unknown')}",
-        "The regenerated images also fall under the diffusion model's licence.",
+        "Images regenerated from it may also be subject to the diffusion model's licence.",
     ]
     # 5. build provenance and whatever numbers the build recorded
     rows = build_rows(m.build)
     parts += ["## Build", _table(("key", "value"), rows, MAX_BUILD_ROWS, "entries (see manifest.json's build)")
               if rows else "no build information recorded"]
-    parts += ["## Check it", _fenced("bash", f"d3m-inspect {shlex.quote(file_name)} --verify")
-              + "\n\nregenerates a sample and compares it with the fingerprints stored in the archive."]
+    if m.fingerprint_size is not None:
+        verify = f"d3m-inspect {shlex.quote(ref)}" + (" --allow-download" if repo_id else "") + " --verify"
+        parts += ["## Check it", _fenced("bash", verify)
+                  + "\n\nregenerates a sample and compares it with the fingerprints stored in the archive."]
     return "\n\n".join(parts) + "\n"
 
 

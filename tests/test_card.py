@@ -79,8 +79,8 @@ def test_hostile_manifest_strings_stay_inert():
     assert "<script>" not in card.text and "\\<script\\>" in card.text
     assert "[link](https" not in card.text and "\\[link\\](https" in card.text
     # 3. no fence a class name could open: only the card's own python and bash blocks
-    assert re.findall(r"^`{3,}(\w*)$", card.text, flags=re.M) == ["python", "", "bash", "", "bash", ""]
-    assert "huggingface-cli download 'evil/```sh rm' --revision 'v1; rm -rf ~'" in card.text
+    assert re.findall(r"^`{3,}(\w*)$", card.text, flags=re.M) == ["python", "", "bash", ""]
+    assert "local folder (````evil/```sh rm````)" in card.text
     # 4. build info rendered generically
     assert "| per\\_class\\_agreement | 1000 values: min 0.5, mean 0.74975, max 0.9995 |" in card.text
     assert "| nested.deep.ok | true |" in card.text and "| stats\\[1\\].loss | 0.125 |" in card.text
@@ -94,6 +94,21 @@ def test_unpaired_surrogate_in_a_manifest_is_a_format_error():
         d3mfmt.load(data)
     with pytest.raises(d3mfmt.D3MFormatError, match="unpaired surrogate"):
         card_text(data, "x.d3m")
+
+
+def test_what_a_user_needs_follows_the_model_and_the_repo():
+    base = make_archive()
+    local = replace(base, manifest=replace(base.manifest, generator=replace(
+        base.manifest.generator, model=ModelRef("/home/me/sd15", None, "sha256:" + "ab" * 32))))
+    text = card_for(local, "x.d3m", repo_id="me/x")
+    assert "local folder (`/home/me/sd15`)" in text and "model=FOLDER" in text and "huggingface-cli" not in text
+    assert "d3m-inspect hf://datasets/me/x/x.d3m --allow-download --verify" in text
+    assert "ships inside d3mfmt" in card_for(base)
+    hub = replace(base, manifest=replace(base.manifest, generator=replace(
+        base.manifest.generator, model=ModelRef("org/sd", "v1; rm -rf ~", None))))
+    assert re.search(r"^```bash\nhuggingface-cli download org/sd --revision 'v1; rm -rf ~'\n```$", card_for(hub), re.M)
+    no_fingerprints = make_archive(fingerprint_size=None)
+    assert "--verify" not in card_for(no_fingerprints)
 
 
 def test_build_rows_and_front_matter_helpers():
