@@ -25,6 +25,7 @@ from . import container
 from .errors import D3MFormatError
 from .labels import LabelTable, compress, decompress
 from .manifest import Manifest, MemberInfo
+from .sources import resolve_archive
 
 CONTENT_HASH_DOMAIN = b"d3m-content-v1\n"
 MAX_SAFETENSORS_HEADER = 100 << 20
@@ -146,9 +147,21 @@ def load_members(members: dict[str, bytes]) -> Archive:
     return Archive(manifest, tensors["embeddings"], tensors["seeds"], labels, tensors.get("fingerprints"))
 
 
-def load_file(path: str | os.PathLike) -> Archive:
-    """Read ``path`` once (no handle stays open) and ``load`` it."""
-    return load(container.read_bytes(path))
+def load_file(
+    path: str | os.PathLike,
+    *,
+    allow_download: bool = False,
+    sha256: str | None = None,
+    allow_unpinned: bool = False,
+) -> Archive:
+    """Read ``path`` once (no handle stays open) and ``load`` it.
+
+    ``path`` may also be an ``hf://datasets/ORG/NAME[@REV]/FILE.d3m`` id or a URL
+    pinned by ``#sha256=<hex>``; :func:`d3mfmt.sources.resolve_archive` turns it
+    into a local file first (offline unless ``allow_download=True``).
+    """
+    local = resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned)
+    return load(container.read_bytes(local))
 
 
 def check_member(manifest: Manifest, name: str, data: bytes) -> None:

@@ -64,11 +64,28 @@ def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[i
 @click.option("--model", help="Model id or folder to render with instead of the archive's.")
 @click.option("--allow-model-mismatch", is_flag=True, help="Render even if the model differs from the pinned one.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Pixel cache folder.")
+@click.option("--allow-download", is_flag=True,
+              help="Fetch an hf:// or URL archive, or a hub model, missing from the local caches.")
+@click.option("--sha256", help="Expected sha256 of the archive file (for a URL: instead of #sha256=...).")
+@click.option("--allow-unpinned", is_flag=True, help="Accept a URL without a sha256 (fetched every time, unverified).")
+@click.option("--card", type=click.Path(file_okay=False),
+              help="Write a dataset-card folder (archive, preview.png, README.md) ready for huggingface-cli upload.")
+@click.option("--repo-id", help="ORG/NAME the --card folder will be uploaded to (used in its loading snippet).")
 def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview, classes, per_class,
-                 export_images, unit, export_embeddings, device, dtype, model, allow_model_mismatch, cache_dir) -> None:
-    """Summarise the .d3m archive PATH (and check, verify, preview or export it)."""
+                 export_images, unit, export_embeddings, device, dtype, model, allow_model_mismatch, cache_dir,
+                 allow_download, sha256, allow_unpinned, card, repo_id) -> None:
+    """Summarise the .d3m archive PATH (and check, verify, preview or export it).
+
+    PATH may also be hf://datasets/ORG/NAME[@REVISION]/FILE.d3m or an https:// URL
+    pinned by #sha256=<hex>; both are read from the local caches unless --allow-download.
+    """
     try:
-        data = container.read_bytes(path)
+        if repo_id and not card:
+            raise D3MError("--repo-id names where a --card folder goes; pass --card DIR too")
+        from .sources import resolve_archive
+
+        local = str(resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned))
+        data = container.read_bytes(local)
         if check_only:
             problems = check(data)
             for problem in problems:
@@ -79,11 +96,12 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
             return
         members = container.read_zip(data)
         archive = load_members(members)
-        if not (verify or preview or export_images or export_embeddings):
+        if not (verify or preview or export_images or export_embeddings or card):
             summary = summarize(archive, {name: len(b) for name, b in members.items()}, len(data))
             click.echo(json.dumps(summary, indent=1) if as_json else render_text(summary))
             return
-        render = dict(model=model, device=device, dtype=dtype, allow_model_mismatch=allow_model_mismatch)
+        render = dict(model=model, device=device, dtype=dtype, allow_model_mismatch=allow_model_mismatch,
+                      allow_download=allow_download)
         ok = True
         if export_embeddings:
             from .export import export_embeddings as write_embeddings
@@ -92,10 +110,10 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
             click.echo(f"wrote {len(files)} textual-inversion files to {export_embeddings}")
         if verify:
             ok = _verify(archive, n_verify, tolerance, render)
-        if preview or export_images:
+        if preview or export_images or card:
             from .dataset import D3MDataset
 
-            ds = D3MDataset(path, unit=unit, cache_dir=cache_dir, **render)
+            ds = D3MDataset(local, unit=unit, cache_dir=cache_dir, **render)
             if preview:
                 from .export import preview_grid
 
@@ -107,6 +125,11 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
 
                 count = write_images(ds, export_images)
                 click.echo(f"wrote {count} PNGs to {export_images}")
+            if card:
+                from .card import write_card
+
+                write_card(ds, card, repo_id=repo_id, per_class=per_class)
+                click.echo(f"wrote a dataset card to {card}")
         if not ok:
             sys.exit(1)
     except D3MError as exc:

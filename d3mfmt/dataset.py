@@ -36,6 +36,7 @@ from .container import write_atomic
 from .errors import D3MError
 from .generator import Regenerator, default_device, default_dtype, resolve_render_settings, split_patches
 from .models import identity_cache_dir
+from .sources import resolve_archive
 
 UNITS = ("patch", "image")
 DEFAULT_RENDER_BATCH = 16
@@ -46,7 +47,8 @@ class D3MDataset(torch.utils.data.Dataset):
     """Patches (or whole collages) of a .d3m archive, with their soft labels.
 
     Args:
-        path: the .d3m file.
+        path: the .d3m file, an ``hf://datasets/ORG/NAME[@REV]/FILE.d3m`` id or a
+            URL pinned by ``#sha256=<hex>`` (see :func:`d3mfmt.resolve_archive`).
         unit: ``"patch"`` (default) or ``"image"``.
         transform: applied to each image tensor.
         target_transform: applied to each soft label (``[C]``, or ``[grid**2, C]`` with ``unit="image"``),
@@ -57,6 +59,9 @@ class D3MDataset(torch.utils.data.Dataset):
         device, dtype: rendering device and dtype (CUDA+fp16 when available, else CPU+fp32).
         render_batch: images per generation call.
         allow_model_mismatch: render even if the model differs from the pinned one.
+        allow_download: fetch an archive (hub id or URL) or a hub model missing
+            from the local caches; off by default.
+        sha256: expected sha256 of the archive file (instead of a URL fragment).
     """
 
     def __init__(
@@ -72,15 +77,17 @@ class D3MDataset(torch.utils.data.Dataset):
         dtype: str | None = None,
         render_batch: int = DEFAULT_RENDER_BATCH,
         allow_model_mismatch: bool = False,
+        allow_download: bool = False,
+        sha256: str | None = None,
     ):
         if unit not in UNITS:
             raise D3MError(f"unit must be one of {list(UNITS)}, got {unit!r}")
         if not isinstance(render_batch, int) or render_batch < 1:
             raise D3MError(f"render_batch must be a positive integer, got {render_batch!r}")
-        self.path = Path(path)
+        self.path = resolve_archive(path, allow_download=allow_download, sha256=sha256)
         self.unit, self.transform, self.render_batch = unit, transform, render_batch
         self.target_transform = target_transform
-        self.model, self.allow_model_mismatch = model, allow_model_mismatch
+        self.model, self.allow_model_mismatch, self.allow_download = model, allow_model_mismatch, allow_download
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.cache_root = Path(cache_dir) if cache_dir is not None else identity_cache_dir() / "images"
@@ -117,6 +124,7 @@ class D3MDataset(torch.utils.data.Dataset):
                 device=self.device,
                 dtype=self.dtype,
                 allow_model_mismatch=self.allow_model_mismatch,
+                allow_download=self.allow_download,
             )
         return self._regen
 
@@ -126,7 +134,7 @@ class D3MDataset(torch.utils.data.Dataset):
         if self._cache_key is None:
             _, settings = resolve_render_settings(
                 self.archive.manifest.generator, model=self.model, device=self.device, dtype=self.dtype,
-                allow_model_mismatch=self.allow_model_mismatch,
+                allow_model_mismatch=self.allow_model_mismatch, allow_download=self.allow_download,
             )
             parts = {"content_hash": self.archive.content_hash, **settings.key_parts()}
             self._cache_key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

@@ -212,6 +212,12 @@ class Manifest:
             doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
             raise D3MFormatError(f"manifest.json: not valid UTF-8 JSON ({exc})") from None
+        try:  # a \ud800-style escape decodes to a lone surrogate, which no later UTF-8 step could encode
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[max(0, exc.start - 40) : exc.end + 10]
+            raise D3MFormatError(f"manifest.json: a string holds an unpaired surrogate escape near {bad!r}; "
+                                 "strings must be valid Unicode text") from None
         return cls.from_dict(doc)
 
     @classmethod
