@@ -16,6 +16,7 @@ from . import container
 from .archive import load_members
 from .errors import D3MError
 from .summary import check, render_text, summarize
+from .terminal import printable
 
 
 # transformers announces at import that torchvision is absent; a CLI user does not need that
@@ -23,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"d3m-inspect: {message}", err=True)
+    click.echo(f"d3m-inspect: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -72,7 +73,7 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
         if check_only:
             problems = check(data)
             for problem in problems:
-                click.echo(f"{path}: {problem}", err=True)
+                click.echo(printable(f"{path}: {problem}"), err=True)
             if problems:
                 sys.exit(1)
             click.echo(f"{path}: valid")
@@ -83,6 +84,10 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
             summary = summarize(archive, {name: len(b) for name, b in members.items()}, len(data))
             click.echo(json.dumps(summary, indent=1) if as_json else render_text(summary))
             return
+        if device is not None and (verify or preview or export_images):
+            from .generator import check_device
+
+            check_device(device)  # before any model loads or output folder appears
         render = dict(model=model, device=device, dtype=dtype, allow_model_mismatch=allow_model_mismatch)
         ok = True
         if export_embeddings:

@@ -58,9 +58,34 @@ def default_dtype(device: str) -> str:
     return "float16" if torch.device(device).type == "cuda" else "float32"
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")  # torch device types a pipeline can render on
+
+
 def check_device(device: str) -> None:
-    """Refuse CUDA inside a forked DataLoader worker, with the fixes."""
-    if torch.device(device).type != "cuda":
+    """Refuse a device torch cannot parse, one that is not available here, or CUDA in a forked worker.
+
+    Every entry point calls this before any model loads, so a typo or a missing
+    GPU is one message instead of a traceback deep inside torch.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise D3MError(f"device {device!r} is not a rendering device; use one of {list(DEVICE_TYPES)}, "
+                       "optionally with an index such as 'cuda:1'")
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    available = backend is not None and backend.is_available()
+    if not available:
+        raise D3MError(f"device {device!r}: {parsed.type} is not available on this machine "
+                       f"(torch {torch.__version__}); use 'cpu' or leave the device unset")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise D3MError(f"device {device!r}: this machine has {count} {parsed.type} device(s), "
+                       f"numbered 0..{count - 1}")
+    if parsed.type != "cuda":
         return
     if torch.cuda._is_in_bad_fork() or (
         torch.utils.data.get_worker_info() is not None and torch.multiprocessing.get_start_method() == "fork"
@@ -161,6 +186,16 @@ def split_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, ch, h // grid, w // grid)
 
 
+def _version_of(package: str) -> str | None:
+    """An installed distribution's version, or None when it is absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 @dataclass(frozen=True)
 class RenderSettings:
     """What, besides the archive, determines the pixels: part of every cache key."""
@@ -171,6 +206,7 @@ class RenderSettings:
 
     def key_parts(self) -> dict:
         import diffusers
+        import transformers
 
         return {
             "model_identity": self.model_identity,
@@ -178,7 +214,9 @@ class RenderSettings:
             "dtype": self.dtype,
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
-            "rule": "d3m-1-8bit",
+            "transformers": transformers.__version__,  # the text encoder and tokenizer behind every prompt
+            "tokenizers": _version_of("tokenizers"),
+            "rule": "d3m-1-8bit-sha256",  # the cache file layout (dataset.py) is part of the key
         }
 
 
@@ -209,6 +247,7 @@ def resolve_render_settings(
         raise D3MError(f"scheduler config algorithm_type {algorithm!r} draws fresh noise every step; "
                        "seeds would not determine the images (use a non-SDE algorithm_type)")
     device = device or default_device()
+    check_device(device)
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise D3MError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")

@@ -7,6 +7,7 @@ from .archive import Archive, check_member, parse_tensors
 from .errors import D3MFormatError
 from .labels import decompress
 from .manifest import Manifest
+from .terminal import printable
 
 
 def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict:
@@ -64,7 +65,7 @@ def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict
 
 
 def render_text(s: dict, max_names: int = 6) -> str:
-    """Human-readable rendering of ``summarize``'s dict."""
+    """Human-readable rendering of ``summarize``'s dict, control characters escaped."""
     ds, gen, lab = s["dataset"], s["generator"], s["labels"]
     names = ", ".join(f"{i}:{n}" for i, n in zip(ds["class_ids"][:max_names], ds["class_names"][:max_names]))
     if ds["classes"] > max_names:
@@ -93,7 +94,7 @@ def render_text(s: dict, max_names: int = 6) -> str:
         "members",
     ]
     lines += [f"  {name:<22}{size:>12,} bytes" for name, size in s["members"].items()]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def check(data: bytes) -> list[str]:

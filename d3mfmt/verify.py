@@ -13,6 +13,7 @@ import numpy as np
 
 from .archive import Archive
 from .errors import D3MError
+from .terminal import printable
 
 DEFAULT_TOLERANCE = 8  # 8-bit levels, SPEC.md "Fingerprint"
 
@@ -28,7 +29,7 @@ class VerifyReport:
         return bool(self.drift.max(initial=0) <= self.tolerance)
 
     def lines(self, class_names: list[str]) -> list[str]:
-        out = [f"  class {c} ({class_names[c]}) image {i}: drift {int(d)}" for (c, i), d in zip(self.images, self.drift)]
+        out = [f"  class {c} ({printable(class_names[c])}) image {i}: drift {int(d)}" for (c, i), d in zip(self.images, self.drift)]
         verdict = "OK" if self.ok else "FAILED"
         out.append(
             f"verify {verdict}: {len(self.images)} images, max drift {int(self.drift.max(initial=0))}, "
