@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 import torch
 
 import d3mfmt
@@ -42,18 +41,18 @@ from d3mfmt import (
     SourceInfo,
     TeacherInfo,
 )
-from d3mfmt.container import write_atomic
-from d3mfmt.generator import Regenerator, default_device, default_dtype, shared_pipeline
+from d3mfmt.generator import Regenerator, check_device, default_device, default_dtype, shared_pipeline
 from d3mfmt.manifest import generator_from_dict, generator_to_dict
 from d3mfmt.models import BUILTIN_MODELS, model_identity, resolve_model
+from d3mfmt.terminal import printable
 
 from .inversion import InversionSettings, invert_class_token
 from .labelling import choose_seeds, class_seeds, render_and_label
 from .patches import PatchSettings, make_collages, select_patches
 from .teacher_spec import check_teacher_width, resolve_teacher, teacher_identity
+from .workdir import REBUILD_CLASS, SETTINGS_FILE, Workdir, check_output_path
 
 log = logging.getLogger("d3m-build")
-SETTINGS_FILE = "settings.json"
 
 
 @dataclass(frozen=True)
@@ -162,52 +161,12 @@ def shard_device(env=os.environ) -> str:
     return default_device()
 
 
-class Workdir:
-    """Per-class checkpoints plus the settings they were made with."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        (self.path / "classes").mkdir(parents=True, exist_ok=True)
-
-    def bind(self, record: dict) -> None:
-        """Record the build's identity, or refuse one made with other settings."""
-        f = self.path / SETTINGS_FILE
-        if f.is_file():
-            old = json.loads(f.read_text())
-            if old != record:
-                raise D3MError(f"work directory {self.path} holds a build with other settings or data; "
-                               "use a new --workdir (or the same settings to resume)")
-        else:
-            write_atomic(f, json.dumps(record, indent=1, sort_keys=True).encode())
-
-    def record(self) -> dict:
-        f = self.path / SETTINGS_FILE
-        if not f.is_file():
-            raise D3MError(f"{self.path} is not a d3m-build work directory (no {SETTINGS_FILE})")
-        return json.loads(f.read_text())
-
-    def class_file(self, c: int) -> Path:
-        return self.path / "classes" / f"{c:06d}.safetensors"
-
-    def done(self, c: int) -> bool:
-        return self.class_file(c).is_file()
-
-    def save_class(self, c: int, tensors: dict, meta: dict) -> None:
-        data = safetensors.numpy.save(tensors, metadata={"meta": json.dumps(meta, sort_keys=True)})
-        write_atomic(self.class_file(c), data)
-
-    def load_class(self, c: int) -> tuple[dict, dict]:
-        data = self.class_file(c).read_bytes()
-        with safetensors.safe_open(self.class_file(c), "np") as f:
-            meta = json.loads(f.metadata()["meta"])
-        return safetensors.numpy.load(data), meta
-
-
 def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorInfo, s: BuildSettings,
                 device: str) -> tuple[dict, dict]:
     """Steps 1-6 for one class; returns (tensors, metadata) for its checkpoint."""
     g = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, c, 1]).integers(2**62)))
     patch_side = gen.height // s.grid
+    name = printable(info.name)  # for logs: a folder name may hold terminal escapes
     times = {}
     # 1-2. real images (loaded at twice the patch side, so crops keep detail) -> most informative patches
     t0 = time.perf_counter()
@@ -215,14 +174,14 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     keep = s.ipc * s.grid * s.grid
     patches, losses = select_patches(images, c, teacher, keep, patch_side, s.patches, g, device)
     if len(images) < keep:
-        log.warning("class %s: %d real images for %d patches; best crops are reused", info.name, len(images), keep)
+        log.warning("class %s: %d real images for %d patches; best crops are reused", name, len(images), keep)
     # 3. collages
     collages = make_collages(patches, s.grid)
     times["select"] = time.perf_counter() - t0
     # 4. textual inversion
     t0 = time.perf_counter()
     vectors, curve = invert_class_token(pipe, collages, info.name, gen.prompt_template, gen.placeholder,
-                                        s.inversion, g, log=lambda m: log.info("class %s: %s", info.name, m))
+                                        s.inversion, g, log=lambda m: log.info("class %s: %s", name, m))
     times["invert"] = time.perf_counter() - t0
     # 5-6. seeds, regeneration through d3mfmt, soft labels, fingerprints
     t0 = time.perf_counter()
@@ -235,7 +194,7 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     times["label"] = time.perf_counter() - t0
     accuracy = float((probs.argmax(axis=1) == c).mean())
     log.info("class %s: patch loss %.3f, teacher agrees on %.0f%% of regenerated patches",
-             info.name, float(losses.mean()), 100 * accuracy)
+             name, float(losses.mean()), 100 * accuracy)
     tensors = {
         "embedding": vectors,
         "seeds": np.asarray(seeds, dtype=np.int64),
@@ -246,13 +205,20 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
 
 
 def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, int] = (0, 1),
-          device: str | None = None, progress: bool = True) -> Workdir:
-    """Build this shard's classes into ``workdir`` (skipping finished ones)."""
+          device: str | None = None, progress: bool = True, out: Path | None = None) -> Workdir:
+    """Build this shard's classes into ``workdir`` (skipping finished ones).
+
+    ``out``, when given, is the archive the build will be written to: it is
+    checked for writability now, so a bad ``-o`` fails before any class is built.
+    """
     from tqdm.auto import tqdm
 
     check_settings(settings)
     device = device or shard_device()
-    # 1. check inputs: data, model, teacher, before any work
+    check_device(device)
+    # 1. check inputs: output, data, model, teacher, before any work
+    if out is not None:
+        check_output_path(out)
     source.check(settings.patches.max_images)
     classes = source.classes
     path = resolve_model(settings.model, settings.revision)
@@ -313,7 +279,8 @@ def archive_manifest(record: dict, labels: LabelEncoding, name: str, n_vectors: 
 def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: str,
                   teacher_accuracy: float | None = None) -> d3mfmt.Archive:
     """Join finished class checkpoints (from one or several shards) into ``out``."""
-    wds = [Workdir(p) for p in workdirs]
+    check_output_path(out)
+    wds = [Workdir(p, create=False) for p in workdirs]
     record = wds[0].record()
     for wd in wds[1:]:
         if wd.record() != record:
@@ -329,10 +296,17 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
         raise D3MError(f"classes {missing[:10]}{'...' if len(missing) > 10 else ''} are not built yet; "
                        "run (or finish) the shards that own them, then merge again")
     parts = [found[c].load_class(c) for c in range(num_classes)]
+    widths = {t["embedding"].shape for t, _ in parts}
+    if len(widths) > 1:
+        raise D3MError(f"class checkpoints hold embeddings of shapes {sorted(widths)}; they come from different "
+                       f"models: {REBUILD_CLASS}")
     emb = np.stack([t["embedding"] for t, _ in parts])
     agreement = round(float(np.mean([m["accuracy"] for _, m in parts])), 6)
-    manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
-                                {"regenerated_patch_agreement": agreement})
+    try:
+        manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
+                                    {"regenerated_patch_agreement": agreement})
+    except (KeyError, TypeError) as exc:  # a hand-edited record: the manifest's own checks raise D3MError
+        raise D3MError(f"{wds[0].path / SETTINGS_FILE} is damaged ({exc!r}); build again into a new --workdir") from None
     archive = d3mfmt.Archive(
         manifest,
         embeddings=emb.astype(np.float16),
