@@ -76,7 +76,7 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
                 click.echo(printable(f"{path}: {problem}"), err=True)
             if problems:
                 sys.exit(1)
-            click.echo(f"{path}: valid")
+            click.echo(printable(f"{path}: valid"))
             return
         members = container.read_zip(data)
         archive = load_members(members)
@@ -94,7 +94,7 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
             from .export import export_embeddings as write_embeddings
 
             files = write_embeddings(archive, export_embeddings)
-            click.echo(f"wrote {len(files)} textual-inversion files to {export_embeddings}")
+            click.echo(printable(f"wrote {len(files)} textual-inversion files to {export_embeddings}"))
         if verify:
             ok = _verify(archive, n_verify, tolerance, render)
         if preview or export_images:
@@ -106,12 +106,12 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
 
                 names, ids = ds.classes, [c.id for c in archive.manifest.dataset.classes]
                 preview_grid(ds, _parse_classes(classes, names, ids), per_class).save(preview)
-                click.echo(f"wrote {preview}")
+                click.echo(printable(f"wrote {preview}"))
             if export_images:
                 from .export import export_images as write_images
 
                 count = write_images(ds, export_images)
-                click.echo(f"wrote {count} PNGs to {export_images}")
+                click.echo(printable(f"wrote {count} PNGs to {export_images}"))
         if not ok:
             sys.exit(1)
     except D3MError as exc:
@@ -124,9 +124,10 @@ def _verify(archive, n: int, tolerance: int | None, render: dict) -> bool:
     from .generator import Regenerator
     from .verify import DEFAULT_TOLERANCE, check_verify, verify
 
-    check_verify(archive, n)
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    check_verify(archive, n, tolerance)
     regen = Regenerator(archive.manifest.generator, archive.embeddings, **render)
-    report = verify(archive, regen, n, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    report = verify(archive, regen, n, tolerance)
     for line in report.lines([c.name for c in archive.manifest.dataset.classes]):
         click.echo(line)
     return report.ok

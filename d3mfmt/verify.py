@@ -46,19 +46,21 @@ def sample_images(archive: Archive, n: int) -> list[tuple[int, int]]:
     return [divmod(int(k), ds.ipc) for k in picks]
 
 
-def check_verify(archive: Archive, n: int) -> None:
+def check_verify(archive: Archive, n: int, tolerance: int = DEFAULT_TOLERANCE) -> None:
     """Raise D3MError before any model loads if ``verify`` cannot run."""
     if archive.fingerprints is None:
         raise D3MError("the archive has no fingerprints (manifest 'fingerprints' is null); nothing to verify against")
     if n < 1:
         raise D3MError(f"--n must be a positive integer, got {n}")
+    if not 0 <= tolerance <= 255:
+        raise D3MError(f"--tolerance must be in 0..255 (8-bit levels), got {tolerance}")
 
 
 def verify(archive: Archive, regenerator, n: int = 8, tolerance: int = DEFAULT_TOLERANCE) -> VerifyReport:
     """Regenerate ``n`` images with ``regenerator`` and measure fingerprint drift."""
     from .generator import fingerprint
 
-    check_verify(archive, n)
+    check_verify(archive, n, tolerance)
     size = archive.manifest.fingerprint_size
     images = sample_images(archive, n)
     drift = []
