@@ -243,12 +243,13 @@ class D3MDataset(torch.utils.data.Dataset):
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
-            blob = f.read(size + 1)  # bounded by the expected size, whatever the header claims
-        body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-        if len(blob) != size or not body.startswith(header) or hashlib.sha256(body).digest() != digest:
+            blob = bytearray(size + 1)  # bounded by the expected size, whatever the header claims
+            got = f.readinto(blob)
+        body = memoryview(blob)[: size - _DIGEST]
+        if got != size or body[: len(header)] != header or hashlib.sha256(body).digest() != blob[-_DIGEST - 1 : -1]:
             return None  # torn, corrupted, zeroed or foreign: render again (and overwrite it)
-        pixels = np.frombuffer(body, dtype=np.uint8, offset=len(header)).reshape(3, gen.height, gen.width)
-        return torch.from_numpy(pixels.copy()).float().div_(255.0)
+        pixels = np.frombuffer(blob, dtype=np.uint8, count=3 * gen.height * gen.width, offset=len(header))
+        return torch.from_numpy(pixels.reshape(3, gen.height, gen.width)).float().div_(255.0)
 
     def _write_cached(self, idx: int, x: torch.Tensor) -> None:
         """Write one image's cache file atomically; on an unwritable cache, warn once and keep memory only."""
