@@ -28,22 +28,28 @@ def class_folder(index: int, name: str) -> str:
 def _output_dir(path):
     """A temporary folder beside ``path`` that becomes ``path`` only when the body succeeds.
 
-    ``path`` must not exist or be an empty folder; after a failure nothing new
-    is left at ``path`` (an empty folder the user made stays as it was).
+    ``path`` must not exist or be an empty folder; missing parents are created.
+    After a failure nothing this function made is left (an empty folder the
+    user made stays as it was).
     """
-    path = Path(path)
+    path = Path(path).absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise D3MError(f"{path} exists and is not an empty folder; pick a new output folder")
-    if not path.parent.is_dir():
-        raise D3MError(f"{path}: the folder {path.parent} does not exist; create it first")
+    top = path.parent  # the outermost parent this call creates, removed again on failure
+    while not top.parent.exists():
+        top = top.parent
+    created = not top.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    done = False
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         os.replace(tmp, path)  # also replaces an empty folder at path
+        done = True
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            shutil.rmtree(top if created else tmp, ignore_errors=True)
 
 
 def _to_pil(image) -> Image.Image:

@@ -215,6 +215,9 @@ def test_a_failed_export_leaves_no_folder(tiny_archive_path, tmp_path):
     assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.exception
     assert not (tmp_path / "imgs").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder either
+    out = _inspect(tiny_archive_path, "--export-images", tmp_path / "new" / "deeper" / "imgs", "--model",
+                   tmp_path / "no-model")
+    assert out.exit_code == 1 and not (tmp_path / "new").exists()  # parents it made are gone too
     (tmp_path / "mine").mkdir()  # an empty folder the user made stays, empty
     out = _inspect(tiny_archive_path, "--export-images", tmp_path / "mine", "--model", tmp_path / "no-model")
     assert out.exit_code == 1 and list((tmp_path / "mine").iterdir()) == []
