@@ -102,10 +102,10 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
 
             ds = D3MDataset(path, unit=unit, cache_dir=cache_dir, **render)
             if preview:
-                from .export import preview_grid
+                from .export import preview_grid, write_png
 
                 names, ids = ds.classes, [c.id for c in archive.manifest.dataset.classes]
-                preview_grid(ds, _parse_classes(classes, names, ids), per_class).save(preview)
+                write_png(preview_grid(ds, _parse_classes(classes, names, ids), per_class), preview)
                 click.echo(printable(f"wrote {preview}"))
             if export_images:
                 from .export import export_images as write_images

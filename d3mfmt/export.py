@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .archive import Archive
+from .container import write_atomic
 from .errors import D3MError
 
 TOKEN_FORMAT = "<d3m-{}>"  # the placeholder token an exported embedding is loaded under
@@ -99,6 +101,13 @@ def export_images(dataset, out_dir, progress: bool = True) -> int:
                 name = f"c{c:04d}_i{i:04d}.png"
             _to_pil(image).save(out / folders[label] / name)
     return len(dataset)
+
+
+def write_png(image: Image.Image, path) -> None:
+    """Save ``image`` as PNG at ``path`` whatever its suffix, atomically (nothing at ``path`` on failure)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
 
 
 def preview_grid(dataset, classes: list[int], per_class: int = 8, cell: int = 128) -> Image.Image:

@@ -192,6 +192,9 @@ def test_nonpositive_counts_and_bad_tolerance_are_messages(tiny_archive_path, tm
         assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.exception
         assert "--per-class" in out.stderr and "positive integer" in out.stderr
     assert not (tmp_path / "p.png").exists()
+    odd = _inspect(tiny_archive_path, "--preview", tmp_path / "grid.foo", "--per-class", "1")
+    assert odd.exit_code == 0, odd.output  # PNG whatever the suffix (PIL raised "unknown file extension")
+    assert (tmp_path / "grid.foo").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for tolerance in ("-1", "256"):
         out = _inspect(tiny_archive_path, "--verify", "--tolerance", tolerance)
         assert out.exit_code == 1 and "--tolerance must be in 0..255" in out.stderr
