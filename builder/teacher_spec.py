@@ -70,8 +70,9 @@ def check_teacher_width(model: torch.nn.Module, num_classes: int, side: int, dev
             f"the teacher fails on a batch of shape (1, 3, {side}, {side}): {_describe(exc)}; it must take RGB "
             "images in [0, 1], NCHW (convert inside the module if it expects other input)"
         ) from None
-    if not isinstance(out, torch.Tensor):
-        raise D3MError(f"the teacher returns {type(out).__name__}, expected one tensor of logits "
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a {out.dtype} tensor"
+        raise D3MError(f"the teacher returns {got}, expected one float tensor of logits "
                        "[batch, classes]; wrap it in a module that returns only the logits")
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise D3MError(

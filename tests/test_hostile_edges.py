@@ -243,6 +243,14 @@ TEACHERS = {
         def build():
             return M()
         """,
+    "int_logits": """
+        import torch
+        class M(torch.nn.Module):
+            def forward(self, x):
+                return x.mean(dim=(2, 3)).long()
+        def build():
+            return M()
+        """,
     "one_channel": """
         import torch
         def build():
@@ -255,7 +263,8 @@ TEACHERS = {
     ("syntax_error", "importing 'tt_syntax_error' failed: SyntaxError"),
     ("import_error", "importing 'tt_import_error' failed: RuntimeError: no GPU driver"),
     ("factory_raises", "the factory raised OSError: weights.pt not found"),
-    ("returns_tuple", "returns tuple, expected one tensor of logits"),
+    ("returns_tuple", "returns tuple, expected one float tensor of logits"),
+    ("int_logits", "returns a torch.int64 tensor, expected one float tensor"),
     ("one_channel", r"fails on a batch of shape \(1, 3, 16, 16\).*RGB"),
     ("missing", "has no function 'nope'"),
 ])
