@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 import torch
 
 import d3mfmt
@@ -43,11 +42,11 @@ from d3mfmt import (
     SourceInfo,
     TeacherInfo,
 )
-from d3mfmt.container import write_atomic
 from d3mfmt.generator import Regenerator, check_device, default_device, default_dtype, shared_pipeline
 from d3mfmt.manifest import generator_from_dict, generator_to_dict
 from d3mfmt.models import model_identity, resolve_model
 from d3mfmt.summary import LOW_AGREEMENT_FLOOR
+from d3mfmt.terminal import printable
 
 from .defaults import resolve_settings
 from .guards import check_class_order, domain_message, domain_problems, teacher_confusion
@@ -55,9 +54,9 @@ from .inversion import InversionSettings, invert_class_token
 from .labelling import choose_seeds, class_seeds, render_and_label
 from .patches import PatchSettings, make_collages, select_patches
 from .teacher_spec import check_teacher_width, resolve_teacher, teacher_identity
+from .workdir import REBUILD_CLASS, SETTINGS_FILE, Workdir, check_output_path
 
 log = logging.getLogger("d3m-build")
-SETTINGS_FILE = "settings.json"
 
 
 @dataclass(frozen=True)
@@ -196,52 +195,12 @@ def shard_device(env=os.environ) -> str:
     return default_device()
 
 
-class Workdir:
-    """Per-class checkpoints plus the settings they were made with."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        (self.path / "classes").mkdir(parents=True, exist_ok=True)
-
-    def bind(self, record: dict) -> None:
-        """Record the build's identity, or refuse one made with other settings."""
-        f = self.path / SETTINGS_FILE
-        if f.is_file():
-            old = json.loads(f.read_text())
-            if old != record:
-                raise D3MError(f"work directory {self.path} holds a build with other settings or data; "
-                               "use a new --workdir (or the same settings to resume)")
-        else:
-            write_atomic(f, json.dumps(record, indent=1, sort_keys=True).encode())
-
-    def record(self) -> dict:
-        f = self.path / SETTINGS_FILE
-        if not f.is_file():
-            raise D3MError(f"{self.path} is not a d3m-build work directory (no {SETTINGS_FILE})")
-        return json.loads(f.read_text())
-
-    def class_file(self, c: int) -> Path:
-        return self.path / "classes" / f"{c:06d}.safetensors"
-
-    def done(self, c: int) -> bool:
-        return self.class_file(c).is_file()
-
-    def save_class(self, c: int, tensors: dict, meta: dict) -> None:
-        data = safetensors.numpy.save(tensors, metadata={"meta": json.dumps(meta, sort_keys=True)})
-        write_atomic(self.class_file(c), data)
-
-    def load_class(self, c: int) -> tuple[dict, dict]:
-        data = self.class_file(c).read_bytes()
-        with safetensors.safe_open(self.class_file(c), "np") as f:
-            meta = json.loads(f.metadata()["meta"])
-        return safetensors.numpy.load(data), meta
-
-
 def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorInfo, s: BuildSettings,
                 device: str) -> tuple[dict, dict]:
     """Steps 1-6 for one class; returns (tensors, metadata) for its checkpoint."""
     g = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, c, 1]).integers(2**62)))
     patch_side = gen.height // s.grid
+    name = printable(info.name)  # for logs: a folder name may hold terminal escapes
     times = {}
     # 1-2. real images (loaded at twice the patch side, so crops keep detail) -> most informative patches
     t0 = time.perf_counter()
@@ -249,7 +208,7 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     keep = s.ipc * s.grid * s.grid
     patches, losses = select_patches(images, c, teacher, keep, patch_side, s.patches, g, device)
     if len(images) < keep:
-        log.warning("class %s: %d real images for %d patches; best crops are reused", info.name, len(images), keep)
+        log.warning("class %s: %d real images for %d patches; best crops are reused", name, len(images), keep)
     # 3. collages
     collages = make_collages(patches, s.grid)
     with torch.no_grad():
@@ -258,7 +217,7 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     # 4. textual inversion
     t0 = time.perf_counter()
     vectors, curve = invert_class_token(pipe, collages, info.name, gen.prompt_template, gen.placeholder,
-                                        s.inversion, g, log=lambda m: log.info("class %s: %s", info.name, m))
+                                        s.inversion, g, log=lambda m: log.info("class %s: %s", name, m))
     times["invert"] = time.perf_counter() - t0
     # 5-6. seeds, regeneration through d3mfmt, soft labels, fingerprints
     t0 = time.perf_counter()
@@ -271,7 +230,7 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     times["label"] = time.perf_counter() - t0
     accuracy = float((probs.argmax(axis=1) == c).mean())
     log.info("class %s: patch loss %.3f, teacher agrees on %.0f%% of regenerated patches (%.0f%% of real ones)",
-             info.name, float(losses.mean()), 100 * accuracy, 100 * real_agreement)
+             name, float(losses.mean()), 100 * accuracy, 100 * real_agreement)
     tensors = {
         "embedding": vectors,
         "seeds": np.asarray(seeds, dtype=np.int64),
@@ -284,7 +243,7 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
 
 
 def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, int] = (0, 1),
-          device: str | None = None, progress: bool = True, check_order: bool = True,
+          device: str | None = None, progress: bool = True, out: Path | None = None, check_order: bool = True,
           order_suggestion: Path | None = None, min_agreement: float | None = None) -> Workdir:
     """Build this shard's classes into ``workdir`` (skipping finished ones).
 
@@ -293,6 +252,8 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
         settings: the build's settings; ``None`` fields take the model's defaults.
         workdir: per-class checkpoints (resume by running again with the same settings).
         shard: ``(i, n)``: build the classes ``c`` with ``c % n == i``.
+        out: the archive the build will be written to, if known: checked for writability now,
+            so a bad ``-o`` fails before any class is built.
         check_order: stop if the teacher's logits are in another class order than the data (see guards.py).
         order_suggestion: where the class-order check writes the class list that fixes the order.
         min_agreement: stop when a class's teacher agreement on regenerated patches is below this.
@@ -304,6 +265,8 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
     check_min_agreement(min_agreement)
     device = device or shard_device()
     check_device(device)
+    if out is not None:
+        check_output_path(out)
     source.check(settings.patches.max_images)
     classes = source.classes
     path = resolve_model(settings.model, settings.revision)
@@ -320,7 +283,7 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
         order = check_class_order(teacher_confusion(source, teacher, patch_side, device), classes, order_suggestion)
         for c in np.flatnonzero(order.agreement < LOW_AGREEMENT_FLOOR):
             log.warning("class %s: the teacher takes only %.0f%% of its real images for this class; is the teacher "
-                        "trained on this data, in this class order?", classes[c].name, 100 * order.agreement[c])
+                        "trained on this data, in this class order?", printable(classes[c].name), 100 * order.agreement[c])
     # 3. bind the work directory to exactly this build; check the archive it will make is valid
     record = {
         "settings": settings.to_json(),
@@ -342,7 +305,7 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
         tensors, meta = build_class(c, classes[c], source, teacher, pipe, gen, settings, device)
         wd.save_class(c, tensors, meta)
         if domain_problems([meta["real_agreement"]], [meta["accuracy"]]):
-            log.warning(domain_message(classes[c].name, meta["real_agreement"], meta["accuracy"]))
+            log.warning(printable(domain_message(classes[c].name, meta["real_agreement"], meta["accuracy"])))
         if min_agreement is not None and meta["accuracy"] < min_agreement:
             raise D3MError(f"{domain_message(classes[c].name, meta['real_agreement'], meta['accuracy'])}. "
                            f"Stopped: below --min-agreement {min_agreement:g}; no archive was written "
@@ -388,7 +351,8 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
     is given and a class's teacher agreement on regenerated patches is below it.
     """
     check_min_agreement(min_agreement)
-    wds = [Workdir(p) for p in workdirs]
+    check_output_path(out)
+    wds = [Workdir(p, create=False) for p in workdirs]
     record = wds[0].record()
     for wd in wds[1:]:
         if wd.record() != record:
@@ -410,11 +374,18 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
         if below:
             names = ", ".join(f"{record['classes'][c]['name']!r} {100 * metas[c]['accuracy']:.0f}%" for c in below[:10])
             raise D3MError(f"teacher agreement on regenerated patches is below --min-agreement {min_agreement:g} for "
-                           f"{len(below)} classes ({names}); the model does not render them the way the teacher "
-                           "sees them. No archive was written; use a model that covers this data")
+                           f"{len(below)} classes ({printable(names)}); the model does not render them the way the "
+                           "teacher sees them. No archive was written; use a model that covers this data")
+    widths = {t["embedding"].shape for t, _ in parts}
+    if len(widths) > 1:
+        raise D3MError(f"class checkpoints hold embeddings of shapes {sorted(widths)}; they come from different "
+                       f"models: {REBUILD_CLASS}")
     emb = np.stack([t["embedding"] for t, _ in parts])
-    manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
-                                agreement_info(record["classes"], metas))
+    try:
+        manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
+                                    agreement_info(record["classes"], metas))
+    except (KeyError, TypeError) as exc:  # a hand-edited record: the manifest's own checks raise D3MError
+        raise D3MError(f"{wds[0].path / SETTINGS_FILE} is damaged ({exc!r}); build again into a new --workdir") from None
     archive = d3mfmt.Archive(
         manifest,
         embeddings=emb.astype(np.float16),

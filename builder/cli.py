@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from d3mfmt.errors import D3MError
+from d3mfmt.terminal import printable
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -159,7 +160,7 @@ def build_command(data, out, demo, model, revision, teacher, class_file, ignore_
             check_order=not ignore_class_order, min_agreement=min_agreement,
             teacher_accuracy=mnist_test_accuracy(resolve_teacher(settings.teacher)[0]) if demo else None,
         )
-    click.echo("\n".join(result.summary), err=True)
+    click.echo("\n".join(printable(line) for line in result.summary), err=True)
     if result.out is not None:
         click.echo(str(result.out))
 
@@ -175,7 +176,7 @@ def merge_command(workdirs, out, label_kind, k, values, min_agreement) -> None:
     with _errors():
         labels = label_encoding(label_kind, k, values)  # the temperature comes from the build's record
         result = merge_archives(list(workdirs), out, labels=labels, min_agreement=min_agreement)
-    click.echo("\n".join(result.summary), err=True)
+    click.echo("\n".join(printable(line) for line in result.summary), err=True)
     click.echo(str(result.out))
 
 
@@ -185,5 +186,5 @@ def _errors():
     try:
         yield
     except D3MError as exc:
-        click.echo(f"d3m-build: {exc}", err=True)
+        click.echo(printable(f"d3m-build: {exc}"), err=True)
         sys.exit(1)

@@ -24,6 +24,7 @@ from d3mfmt import D3MError, LabelEncoding
 
 from .build import BuildSettings, build, check_settings, fit_labels, write_archive
 from .guards import domain_message, domain_problems
+from .workdir import Workdir, check_output_path
 
 
 @dataclass
@@ -59,15 +60,6 @@ def check_labels(labels: LabelEncoding, num_classes: int, temperature: float) ->
         raise D3MError(f"label options (--labels, --k, --values) for {num_classes} classes: {detail}") from None
 
 
-def _check_output(out: Path) -> None:
-    """Fail before any work when ``out`` cannot be written."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise D3MError(f"-o {out}: the folder {out.parent} does not exist; create it first")
-    if out.is_dir():
-        raise D3MError(f"-o {out} is a folder; name the archive file to write, e.g. {out / 'data.d3m'}")
-
-
 def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEncoding,
                   workdir: Path | None = None, shard: tuple[int, int] = (0, 1), device: str | None = None,
                   check_order: bool = True, min_agreement: float | None = None, teacher_accuracy: float | None = None,
@@ -81,12 +73,12 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
         teacher_accuracy: the teacher's held-out accuracy to record, if known.
     """
     out = Path(out)
-    _check_output(out)
+    check_output_path(out)
     check_settings(settings)
     check_labels(labels, len(source.classes), settings.temperature)
     workdir = Path(workdir) if workdir is not None else out.with_name(out.name + ".work")
     start = time.perf_counter()
-    wd = build(source, settings, workdir, shard=shard, device=device, progress=progress, check_order=check_order,
+    wd = build(source, settings, workdir, shard=shard, device=device, progress=progress, out=out, check_order=check_order,
                order_suggestion=out.with_suffix(".classes.txt"), min_agreement=min_agreement)
     seconds = time.perf_counter() - start
     if shard[1] > 1:
@@ -100,14 +92,11 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
 def merge_archives(workdirs: list[Path], out: Path, *, labels: LabelEncoding,
                    min_agreement: float | None = None) -> BuildResult:
     """Write ``out`` from the finished work directories of every shard of one build."""
-    from .build import Workdir
-
     out = Path(out)
-    _check_output(out)
     if not workdirs:
         raise D3MError("merge needs at least one work directory")
     archive = write_archive(list(workdirs), out, labels, out.name.removesuffix(".d3m"), min_agreement=min_agreement)
-    return BuildResult(out, archive, summarize_build([Workdir(p) for p in workdirs], out, archive, None))
+    return BuildResult(out, archive, summarize_build([Workdir(p, create=False) for p in workdirs], out, archive, None))
 
 
 def summarize_build(workdirs, out: Path, archive: d3mfmt.Archive, seconds: float | None) -> list[str]:

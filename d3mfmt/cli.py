@@ -16,6 +16,7 @@ from . import container
 from .archive import load_members
 from .errors import D3MError
 from .summary import check, render_text, summarize
+from .terminal import printable
 
 
 # transformers announces at import that torchvision is absent; a CLI user does not need that
@@ -23,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"d3m-inspect: {message}", err=True)
+    click.echo(f"d3m-inspect: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -89,10 +90,10 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
         if check_only:
             problems = check(data)
             for problem in problems:
-                click.echo(f"{path}: {problem}", err=True)
+                click.echo(printable(f"{path}: {problem}"), err=True)
             if problems:
                 sys.exit(1)
-            click.echo(f"{path}: valid")
+            click.echo(printable(f"{path}: valid"))
             return
         members = container.read_zip(data)
         archive = load_members(members)
@@ -100,6 +101,10 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
             summary = summarize(archive, {name: len(b) for name, b in members.items()}, len(data))
             click.echo(json.dumps(summary, indent=1) if as_json else render_text(summary))
             return
+        if device is not None and (verify or preview or export_images or card):
+            from .generator import check_device
+
+            check_device(device)  # before any model loads or output folder appears
         render = dict(model=model, device=device, dtype=dtype, allow_model_mismatch=allow_model_mismatch,
                       allow_download=allow_download)
         ok = True
@@ -107,7 +112,7 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
             from .export import export_embeddings as write_embeddings
 
             files = write_embeddings(archive, export_embeddings)
-            click.echo(f"wrote {len(files)} textual-inversion files to {export_embeddings}")
+            click.echo(printable(f"wrote {len(files)} textual-inversion files to {export_embeddings}"))
         if verify:
             ok = _verify(archive, n_verify, tolerance, render)
         if preview or export_images or card:
@@ -115,21 +120,21 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
 
             ds = D3MDataset(local, unit=unit, cache_dir=cache_dir, **render)
             if preview:
-                from .export import preview_grid
+                from .export import preview_grid, write_png
 
                 names, ids = ds.classes, [c.id for c in archive.manifest.dataset.classes]
-                preview_grid(ds, _parse_classes(classes, names, ids), per_class).save(preview)
-                click.echo(f"wrote {preview}")
+                write_png(preview_grid(ds, _parse_classes(classes, names, ids), per_class), preview)
+                click.echo(printable(f"wrote {preview}"))
             if export_images:
                 from .export import export_images as write_images
 
                 count = write_images(ds, export_images)
-                click.echo(f"wrote {count} PNGs to {export_images}")
+                click.echo(printable(f"wrote {count} PNGs to {export_images}"))
             if card:
                 from .card import write_card
 
                 write_card(ds, card, repo_id=repo_id, per_class=per_class)
-                click.echo(f"wrote a dataset card to {card}")
+                click.echo(printable(f"wrote a dataset card to {card}"))
         if not ok:
             sys.exit(1)
     except D3MError as exc:
@@ -142,9 +147,10 @@ def _verify(archive, n: int, tolerance: int | None, render: dict) -> bool:
     from .generator import Regenerator
     from .verify import DEFAULT_TOLERANCE, check_verify, verify
 
-    check_verify(archive, n)
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    check_verify(archive, n, tolerance)
     regen = Regenerator(archive.manifest.generator, archive.embeddings, **render)
-    report = verify(archive, regen, n, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    report = verify(archive, regen, n, tolerance)
     for line in report.lines([c.name for c in archive.manifest.dataset.classes]):
         click.echo(line)
     return report.ok

@@ -16,7 +16,11 @@ row ``k`` of the archive, ``(c * ipc + i) * grid**2 + j``.
 Rendered images go to an on-disk cache (one ``.npy`` of uint8 per image,
 written atomically, so DataLoader workers can share it) under a key made of the
 archive's content hash and every setting that changes pixels; the second
-epoch only reads.
+epoch only reads. Each cache file is the ``.npy`` bytes followed by their
+sha256, and a read accepts only the exact header this image needs and a
+matching digest: a torn, corrupted, zeroed or foreign file is rendered again,
+and a header declaring a huge shape is never allocated. A cache folder that
+cannot be written keeps images in memory instead, with one warning.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import hashlib
 import io
 import json
 import os
+import stat
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,13 +40,21 @@ import torch
 from .archive import Archive, load_file
 from .container import write_atomic
 from .errors import D3MError
-from .generator import Regenerator, default_device, default_dtype, resolve_render_settings, split_patches
+from .generator import (
+    Regenerator,
+    check_device,
+    default_device,
+    default_dtype,
+    resolve_render_settings,
+    split_patches,
+)
 from .models import identity_cache_dir
 from .sources import resolve_archive
 
 UNITS = ("patch", "image")
 DEFAULT_RENDER_BATCH = 16
 _MEMORY_IMAGES = 256  # decoded images kept per process
+_DIGEST = 32  # sha256 of the .npy bytes, appended to every cache file
 
 
 class D3MDataset(torch.utils.data.Dataset):
@@ -89,6 +103,7 @@ class D3MDataset(torch.utils.data.Dataset):
         self.target_transform = target_transform
         self.model, self.allow_model_mismatch, self.allow_download = model, allow_model_mismatch, allow_download
         self.device = device or default_device()
+        check_device(self.device)
         self.dtype = dtype or default_dtype(self.device)
         self.cache_root = Path(cache_dir) if cache_dir is not None else identity_cache_dir() / "images"
         self._archive: Archive | None = load_file(self.path)
@@ -98,6 +113,7 @@ class D3MDataset(torch.utils.data.Dataset):
         self._regen: Regenerator | None = None
         self._cache_key: str | None = None
         self._memory: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._cache_writable = True  # False after a failed write: memory only, warned once
 
     # -- pickling: no pipeline, no arrays; workers reload the small archive ---
 
@@ -221,25 +237,52 @@ class D3MDataset(torch.utils.data.Dataset):
         c, i = divmod(idx, self.ipc)
         return self.cache_dir / f"{c:06d}_{i:05d}.npy"
 
+    def _npy_header(self) -> bytes:
+        """The exact .npy v1.0 header of one cached image (uint8 ``[3, H, W]``, C order)."""
+        gen = self.archive.manifest.generator
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                                   "shape": (3, gen.height, gen.width)})
+        return buf.getvalue()
+
     def _read_cached(self, idx: int) -> torch.Tensor | None:
-        path = self._cache_path(idx)
-        try:
-            pixels = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return None  # a torn or foreign file: render again (and overwrite it)
-        h, w = self.archive.manifest.generator.height, self.archive.manifest.generator.width
-        if pixels.dtype != np.uint8 or pixels.shape != (3, h, w):
-            return None
-        return torch.from_numpy(pixels).float().div_(255.0)
+        """The cached image, or None when absent or not exactly what ``_write_cached`` wrote."""
+        header = self._npy_header()
+        gen = self.archive.manifest.generator
+        size = len(header) + 3 * gen.height * gen.width + _DIGEST
+        try:  # O_NONBLOCK: a FIFO planted in the cache must not hang the read
+            fd = os.open(self._cache_path(idx), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return None  # absent or unreadable: render (a write failure is reported there)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            blob = bytearray(size + 1)  # bounded by the expected size, whatever the header claims
+            got = f.readinto(blob)
+        body = memoryview(blob)[: size - _DIGEST]
+        if got != size or body[: len(header)] != header or hashlib.sha256(body).digest() != blob[-_DIGEST - 1 : -1]:
+            return None  # torn, corrupted, zeroed or foreign: render again (and overwrite it)
+        pixels = np.frombuffer(blob, dtype=np.uint8, count=3 * gen.height * gen.width, offset=len(header))
+        return torch.from_numpy(pixels.reshape(3, gen.height, gen.width)).float().div_(255.0)
 
     def _write_cached(self, idx: int, x: torch.Tensor) -> None:
+        """Write one image's cache file atomically; on an unwritable cache, warn once and keep memory only."""
+        if not self._cache_writable:
+            return
         path = self._cache_path(idx)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.save(buf, torch.round(x * 255.0).to(torch.uint8).numpy(), allow_pickle=False)
-        write_atomic(path, buf.getvalue(), durable=False)  # a lost cache file is only rendered again
+        body = self._npy_header() + torch.round(x * 255.0).to(torch.uint8).numpy().tobytes()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, body + hashlib.sha256(body).digest(), durable=False)  # a lost file is rendered again
+        except OSError as exc:
+            self._cache_writable = False
+            warnings.warn(
+                f"the pixel cache {self.cache_dir} cannot be written ({exc.strerror or exc}); images are kept "
+                f"in memory only (the last {_MEMORY_IMAGES}) and rendered again after that. Pass a writable "
+                "cache_dir (d3m-inspect: --cache-dir) or set D3MFMT_CACHE_DIR",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _remember(self, idx: int, x: torch.Tensor) -> torch.Tensor:
         key = divmod(idx, self.ipc)

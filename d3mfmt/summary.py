@@ -7,6 +7,7 @@ from .archive import Archive, check_member, parse_tensors
 from .errors import D3MFormatError
 from .labels import decompress
 from .manifest import Manifest
+from .terminal import printable
 
 
 # A class renders poorly for the teacher when its agreement on regenerated patches is under
@@ -107,7 +108,7 @@ def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict
 
 
 def render_text(s: dict, max_names: int = 6) -> str:
-    """Human-readable rendering of ``summarize``'s dict."""
+    """Human-readable rendering of ``summarize``'s dict, control characters escaped."""
     ds, gen, lab = s["dataset"], s["generator"], s["labels"]
     names = ", ".join(f"{i}:{n}" for i, n in zip(ds["class_ids"][:max_names], ds["class_names"][:max_names]))
     if ds["classes"] > max_names:
@@ -148,7 +149,7 @@ def render_text(s: dict, max_names: int = 6) -> str:
             lines.insert(-1, f"  LOW         {len(agreement['low'])} of {agreement['classes']} classes render poorly "
                              f"for the teacher: {low}{more}")
     lines += [f"  {name:<22}{size:>12,} bytes" for name, size in s["members"].items()]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def check(data: bytes) -> list[str]:
