@@ -291,7 +291,7 @@ def _settings(model_dir, **kw) -> BuildSettings:
 
 def _finished_workdir(path: Path) -> Workdir:
     """A work directory whose three classes are finished, written through Workdir's own API."""
-    a, s = make_archive(num_classes=3, ipc=2, grid=2), BuildSettings(ipc=2, grid=2)
+    a, s = make_archive(num_classes=3, ipc=2, grid=2), BuildSettings(model="m", teacher="t", ipc=2, grid=2)
     wd = Workdir(path)
     wd.bind({"settings": s.to_json(), "classes": [asdict(c) for c in a.manifest.dataset.classes],
              "source": {"name": "test", "fingerprint": None, "license": None},
@@ -308,7 +308,7 @@ def _finished_workdir(path: Path) -> Workdir:
 def _merge(wd: Workdir, out: Path):
     from builder.cli import main
 
-    return CliRunner().invoke(main, ["--merge", str(wd.path), "-o", str(out)])
+    return CliRunner().invoke(main, ["merge", str(wd.path), "-o", str(out)])
 
 
 def test_merge_over_a_damaged_work_directory_names_the_file(tmp_path):
