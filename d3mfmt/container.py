@@ -88,7 +88,7 @@ def read_zip(data: bytes) -> dict[str, bytes]:
     entries, pos = [], cd_offset
     for _ in range(total):
         entry = _central_entry(data, pos, end)
-        pos += CENTRAL_HEADER.size + len(entry["name"])
+        pos += CENTRAL_HEADER.size + len(entry["name"]) + entry["extra"] + entry["comment"]
         entries.append(entry)
     if pos != end:
         raise D3MFormatError("ZIP container: the central directory's size does not match its entries")
@@ -123,7 +123,7 @@ def _central_entry(data: bytes, pos: int, end: int) -> dict:
         raise D3MFormatError("ZIP container: corrupt central directory; the file may be truncated")
     f = CENTRAL_HEADER.unpack_from(data, pos)
     name_len, extra_len, comment_len, disk = f[10:14]
-    if pos + CENTRAL_HEADER.size + name_len > end:
+    if pos + CENTRAL_HEADER.size + name_len + extra_len + comment_len > end:
         raise D3MFormatError("ZIP container: corrupt central directory; the file may be truncated")
     start = pos + CENTRAL_HEADER.size
     return {"needed": f[2], "flags": f[3], "method": f[4], "time": f[5], "date": f[6], "crc": f[7],
