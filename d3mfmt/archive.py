@@ -23,7 +23,7 @@ import safetensors.numpy
 
 from . import container
 from .errors import D3MFormatError
-from .labels import LabelTable, compress, decompress
+from .labels import MAX_LABEL_TABLE, LabelTable, check_rows, compress, decompress
 from .manifest import Manifest, MemberInfo
 
 CONTENT_HASH_DOMAIN = b"d3m-content-v1\n"
@@ -98,6 +98,7 @@ def check_archive(archive: Archive) -> None:
             f"label table ({t.encoding}, {t.rows} rows x {t.num_classes} classes) does not match the manifest "
             f"({m.labels}, {m.dataset.num_patches} rows x {m.dataset.num_classes} classes)"
         )
+    check_rows(t, where="labels")  # the reader's per-row rules, for tables not made by encode_labels
 
 
 def save(archive: Archive) -> bytes:
@@ -130,25 +131,29 @@ def save_file(archive: Archive, path: str | os.PathLike) -> None:
 # -- reading ------------------------------------------------------------------
 
 
-def load(data: bytes) -> Archive:
-    """Parse and fully validate .d3m bytes; raise D3MFormatError naming the problem."""
-    return load_members(container.read_zip(data))
+def load(data: bytes, *, max_label_bytes: int = MAX_LABEL_TABLE) -> Archive:
+    """Parse and fully validate .d3m bytes; raise D3MFormatError naming the problem.
+
+    ``max_label_bytes`` caps the decoded label table (SPEC.md "Limits"); raise
+    it, up to the format's 2 GiB, to read a genuinely huge trusted archive.
+    """
+    return load_members(container.read_zip(data), max_label_bytes=max_label_bytes)
 
 
-def load_members(members: dict[str, bytes]) -> Archive:
+def load_members(members: dict[str, bytes], *, max_label_bytes: int = MAX_LABEL_TABLE) -> Archive:
     """Validate and decode the members ``container.read_zip`` returned."""
     manifest = Manifest.from_json(members[container.MANIFEST])
     for name in container.PAYLOAD_MEMBERS:
         check_member(manifest, name, members[name])
     tensors = parse_tensors(manifest, members[container.TENSORS])
     ds = manifest.dataset
-    labels = decompress(members[container.LABELS], manifest.labels, ds.num_patches, ds.num_classes)
+    labels = decompress(members[container.LABELS], manifest.labels, ds.num_patches, ds.num_classes, max_bytes=max_label_bytes)
     return Archive(manifest, tensors["embeddings"], tensors["seeds"], labels, tensors.get("fingerprints"))
 
 
-def load_file(path: str | os.PathLike) -> Archive:
+def load_file(path: str | os.PathLike, *, max_label_bytes: int = MAX_LABEL_TABLE) -> Archive:
     """Read ``path`` once (no handle stays open) and ``load`` it."""
-    return load(container.read_bytes(path))
+    return load(container.read_bytes(path), max_label_bytes=max_label_bytes)
 
 
 def check_member(manifest: Manifest, name: str, data: bytes) -> None:
