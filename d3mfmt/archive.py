@@ -22,7 +22,7 @@ import safetensors
 import safetensors.numpy
 
 from . import container
-from .errors import D3MFormatError
+from .errors import D3MError, D3MFormatError
 from .labels import MAX_LABEL_TABLE, LabelTable, check_rows, compress, decompress
 from .manifest import Manifest, MemberInfo
 
@@ -55,8 +55,11 @@ class Archive:
         return content_hash(self.manifest)
 
     def soft_label(self, c: int, i: int, j: int) -> np.ndarray:
-        """Dense float32 soft label of patch ``j`` of image ``i`` of class ``c``."""
+        """Dense float32 soft label of patch ``j`` of image ``i`` of class ``c``; D3MError outside the archive."""
         ds = self.manifest.dataset
+        for name, value, size in (("c", c, ds.num_classes), ("i", i, ds.ipc), ("j", j, ds.patches_per_image)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < size:
+                raise D3MError(f"soft_label: {name} must be an integer in 0..{size - 1}, got {value!r}")
         row = (c * ds.ipc + i) * ds.patches_per_image + j
         return self.labels.dense(slice(row, row + 1))[0]
 

@@ -139,12 +139,13 @@ class LabelTable:
         """The most probable class of every row, int64 [rows]."""
         if self.encoding.kind == "hard":
             return self.indices.astype(np.int64)
-        if self.encoding.kind == "dense":
-            return self.values.argmax(axis=1).astype(np.int64)
         out = np.empty(self.rows, dtype=np.int64)
-        for part in _row_chunks(self.rows, self.encoding.k):
-            best = _decode_values(self.encoding.values, self.values[part]).argmax(axis=1)
-            out[part] = self.indices[part][np.arange(len(best)), best]
+        for part in _row_chunks(self.rows, self.values.shape[1]):
+            if self.encoding.kind == "dense":
+                out[part] = self.values[part].argmax(axis=1)
+            else:
+                best = _decode_values(self.encoding.values, self.values[part]).argmax(axis=1)
+                out[part] = self.indices[part][np.arange(len(best)), best]
         return out
 
     def payload(self) -> bytes:
