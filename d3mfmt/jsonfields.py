@@ -1,0 +1,175 @@
+"""Strict JSON for the manifest: one parse, then typed field access with the path in every error.
+
+``loads`` refuses what two JSON readers could read differently or what cannot
+be written back: NaN/Infinity literals, numbers that overflow to infinity
+(``1e999``), duplicate keys, unpaired surrogates (``"\\ud800"``) and nesting
+deeper than ``MAX_DEPTH``. ``check_tree`` applies the same rules to a document
+about to be written, so the writer never emits what the reader refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from .errors import D3MFormatError
+
+MAX_TEXT = 4096  # characters in a free-text field
+MAX_DEPTH = 32  # nesting of objects and arrays, counting the top level
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def loads(raw: bytes, where: str = "manifest.json"):
+    """UTF-8 JSON bytes -> a checked document; raise D3MFormatError."""
+    try:
+        doc = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise D3MFormatError(f"{where}: not valid UTF-8 JSON ({exc})"[:500]) from None
+    check_tree(doc, where)
+    return doc
+
+
+def check_tree(doc, where: str = "manifest.json") -> None:
+    """Raise D3MFormatError for an unpaired surrogate, a non-finite number or too deep nesting anywhere in ``doc``."""
+    stack = [(doc, "", 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise D3MFormatError(f"{where}: {path or 'top level'} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise D3MFormatError(f"{where}: {path or 'top level'} has a non-string key {key!r}"[:500])
+                _check_text(key, f"{path}.{key}" if path else key, where)
+                stack.append((value, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((value, f"{path}[{i}]", depth + 1) for i, value in enumerate(node))
+        elif isinstance(node, str):
+            _check_text(node, path, where)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise D3MFormatError(f"{where}: {path} must be a finite number, got {node!r}")
+        elif not (node is None or isinstance(node, (bool, int, float))):
+            raise D3MFormatError(f"{where}: {path} holds a {type(node).__name__}, which JSON cannot store")
+
+
+def check_text(value: str, what: str) -> None:
+    """Raise D3MFormatError if ``value`` cannot be written as UTF-8 (an unpaired surrogate)."""
+    _check_text(value, what, "")
+
+
+def _check_text(value: str, path: str, where: str) -> None:
+    m = _SURROGATE.search(value)
+    if m:
+        prefix = f"{where}: " if where else ""
+        raise D3MFormatError(
+            f"{prefix}{path or 'a key'} contains the unpaired surrogate {m.group()!r}, which is not valid Unicode "
+            f"(a file name that is not UTF-8?); got {value!r}"[:500]
+        )
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range (not a finite double)")
+    return value
+
+
+def _unique_keys(pairs: list) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return doc
+
+
+class Fields:
+    """Typed access to one JSON object, with the field path in every error."""
+
+    def __init__(self, doc, where: str):
+        if not isinstance(doc, dict):
+            raise D3MFormatError(f"manifest.json: {where or 'top level'} must be an object, got {type(doc).__name__}")
+        self.doc, self.where = doc, where
+
+    def _path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _get(self, key: str, optional: bool):
+        if key not in self.doc:
+            if optional:
+                return None
+            raise D3MFormatError(f"manifest.json: missing required field {self._path(key)}")
+        value = self.doc[key]
+        if value is None and not optional:
+            raise D3MFormatError(f"manifest.json: {self._path(key)} must not be null")
+        return value
+
+    def _fail(self, key: str, wanted: str, value) -> D3MFormatError:
+        return D3MFormatError(f"manifest.json: {self._path(key)} must be {wanted}, got {value!r}"[:500])
+
+    def str(self, key: str, *, optional: bool = False, min_len: int = 1, max_len: int = MAX_TEXT):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not min_len <= len(value) <= max_len:
+            raise self._fail(key, f"a string of {min_len}..{max_len} characters", value)
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]):
+        value = self._get(key, False)
+        if value not in allowed:
+            raise self._fail(key, f"one of {list(allowed)}", value)
+        return value
+
+    def int(self, key: str, lo: int, hi: int, *, optional: bool = False):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self._fail(key, f"an integer in {lo}..{hi}", value)
+        return value
+
+    def num(self, key: str, lo: float, hi: float, *, optional: bool = False):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and lo <= value <= hi):
+            raise self._fail(key, f"a number in [{lo}, {hi}]", value)
+        return float(value)
+
+    def int_list(self, key: str, length: int, lo: int, hi: int) -> list[int]:
+        value = self._get(key, False)
+        ok = isinstance(value, list) and len(value) == length
+        ok = ok and all(not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi for v in value)
+        if not ok:
+            raise self._fail(key, f"a list of {length} integers in {lo}..{hi}", value)
+        return value
+
+    def obj(self, key: str, *, optional: bool = False) -> "Fields | None":
+        value = self._get(key, optional)
+        return None if value is None else Fields(value, self._path(key))
+
+    def raw_obj(self, key: str, *, optional: bool = False) -> dict | None:
+        value = self._get(key, optional)
+        if value is not None and not isinstance(value, dict):
+            raise self._fail(key, "an object", value)
+        return value
+
+    def list_of_obj(self, key: str, lo: int, hi: int) -> list["Fields"]:
+        value = self._get(key, False)
+        if not isinstance(value, list) or not lo <= len(value) <= hi:
+            raise self._fail(key, f"a list of {lo}..{hi} objects", type(value).__name__)
+        return [Fields(v, f"{self._path(key)}[{i}]") for i, v in enumerate(value)]
+
+    def items(self):
+        return [(k, Fields(v, self._path(k))) for k, v in self.doc.items()]
