@@ -107,10 +107,13 @@ def check_scheduler_config(scheduler: str, config: dict, steps: int) -> None:
             )
         _check_value(key, value, config)
     timesteps = config.get("num_train_timesteps", 1000)
-    if config.get("steps_offset", 0) >= timesteps:
-        raise _fail("steps_offset", f"below num_train_timesteps ({timesteps})", config["steps_offset"])
     if steps > timesteps:
         raise D3MFormatError(f"manifest.json: generator.steps {steps} exceeds the scheduler's num_train_timesteps {timesteps}")
+    # "leading" spacing (the default of several schedulers) adds steps_offset to every timestep
+    offset = config.get("steps_offset", 0)
+    if config.get("timestep_spacing", "leading") == "leading" and offset + (steps - 1) * (timesteps // steps) >= timesteps:
+        raise _fail("steps_offset", f"small enough that the last of {steps} 'leading' timesteps stays below "
+                    f"num_train_timesteps ({timesteps})", offset)
     if sum(config.get(k) is True for k in SIGMA_SCHEDULES) > 1:
         raise D3MFormatError(f"{WHERE}: at most one of {list(SIGMA_SCHEDULES)} may be true")
 
