@@ -11,6 +11,7 @@ from conftest import make_archive, members_of, with_manifest, with_member, zip_m
 
 import d3mfmt
 from d3mfmt import D3MFormatError
+from d3mfmt.summary import check
 
 
 def rejects(data: bytes, match: str):
@@ -243,3 +244,141 @@ def test_topk_without_k_and_oversized_header_integers(archive_bytes):
     header = raw[8 : 8 + header_len].replace(b'"shape":[', b'"shape":[' + b"9" * 5000 + b",", 1)
     forged = struct.pack("<Q", len(header)) + header + raw[8 + header_len :]
     rejects(with_member(archive_bytes, "tensors.safetensors", forged), "header is not valid JSON")
+
+
+# -- the generator section: what rendering would refuse, --check refuses -------
+
+
+@pytest.mark.parametrize(
+    "key, value, msg",
+    [
+        ("num_train_timesteps", 200_000_000, r"num_train_timesteps must be an integer in 1\.\.10000"),
+        ("num_train_timesteps", 1e10, "num_train_timesteps must be an integer"),
+        ("beta_schedule", "bogus", "beta_schedule must be one of"),
+        ("prediction_type", "bogus", "prediction_type must be one of"),
+        ("timestep_spacing", "bogus", "timestep_spacing must be one of"),
+        ("algorithm_type", "sde-dpmsolver++", "algorithm_type must be one of"),
+        ("beta_end", 1.5, "beta_end must be a number"),
+        ("steps_offset", 999, "steps_offset must be small enough"),
+        ("trained_betas", [0.1] * 3, "trained_betas must be null or a list of num_train_timesteps"),
+        ("solver_p", {"a": 1}, "solver_p must be null"),
+        ("use_dynamic_shifting", True, "use_dynamic_shifting must be one of"),
+        ("clip_sample", 1, "clip_sample must be true or false"),
+        ("not_a_knob", 1, "unknown key 'not_a_knob'"),
+        ("_class_name", ["x"], "_class_name must be a string"),
+    ],
+)
+def test_scheduler_config_is_checked_key_by_key(archive_bytes, key, value, msg):
+    rejects(with_manifest(archive_bytes, _set(("generator", "scheduler", "config", key), value)), msg)
+    assert check(with_manifest(archive_bytes, _set(("generator", "scheduler", "config", key), value)))
+
+
+def test_scheduler_cross_field_rules(archive_bytes):
+    both = {"num_train_timesteps": 1000, "use_karras_sigmas": True, "use_exponential_sigmas": True}
+    rejects(with_manifest(archive_bytes, _set(("generator", "scheduler", "config"), both)), "at most one of")
+    few = {"num_train_timesteps": 3}
+    rejects(with_manifest(archive_bytes, _set(("generator", "scheduler", "config"), few)), "exceeds the scheduler's num_train")
+
+
+@pytest.mark.parametrize(
+    "path, value, msg",
+    [
+        (("generator", "scheduler", "class"), "DDPMScheduler", "must be a deterministic scheduler"),
+        (("generator", "scheduler", "class"), "EulerAncestralDiscreteScheduler", "must be a deterministic scheduler"),
+        (("generator", "pipeline"), "NotAPipeline", r"generator.pipeline must be one of \['StableDiffusionPipeline'\]"),
+    ],
+)
+def test_pipeline_and_scheduler_class_come_from_the_spec_lists(archive_bytes, path, value, msg):
+    rejects(with_manifest(archive_bytes, _set(path, value)), msg)
+
+
+def test_writer_refuses_a_bad_generator_too():
+    from dataclasses import replace
+
+    a = make_archive()
+    for gen, msg in [
+        (replace(a.manifest.generator, scheduler_config={"num_train_timesteps": 10**10}), "num_train_timesteps"),
+        (replace(a.manifest.generator, scheduler="DDPMScheduler"), "deterministic scheduler"),
+        (replace(a.manifest.generator, pipeline="NotAPipeline"), "generator.pipeline"),
+    ]:
+        with pytest.raises(D3MFormatError, match=msg):
+            d3mfmt.save(replace(a, manifest=replace(a.manifest, generator=gen)))
+
+
+# -- JSON that two readers could read differently, or that cannot be written back
+
+
+def _raw_manifest(data: bytes, edit) -> bytes:
+    entries = members_of(data)
+    entries[1] = ("manifest.json", edit(entries[1][1]))
+    return zip_members(entries)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("dataset", "classes", 0, "name"),
+        ("dataset", "name"),
+        ("build", "tool"),
+        ("generator", "scheduler", "config", "_class_name"),
+        ("generator", "prompt_template"),
+    ],
+)
+def test_unpaired_surrogates_are_refused_anywhere(archive_bytes, path):
+    value = "a photo of {token} \ud800" if path[-1] == "prompt_template" else "x\ud800"
+    data = with_manifest(archive_bytes, _set(path, value))  # json.dumps escapes it as \ud800
+    rejects(data, "unpaired surrogate")
+    assert any("unpaired surrogate" in p for p in check(data))
+
+
+def test_surrogate_keys_and_writer_side(archive_bytes):
+    rejects(with_manifest(archive_bytes, _set(("build", "\udcff"), 1)), "unpaired surrogate")
+    from dataclasses import replace
+
+    a = make_archive()
+    with pytest.raises(D3MFormatError, match="unpaired surrogate"):
+        d3mfmt.save(replace(a, manifest=replace(a.manifest, build={"note": "\udcff"})))
+    with pytest.raises(D3MFormatError, match="unpaired surrogate"):
+        d3mfmt.save(replace(a, manifest=replace(a.manifest, dataset=replace(a.manifest.dataset, name="\ud800"))))
+
+
+def test_a_class_from_a_folder_name_that_is_not_utf8_is_refused():
+    import os
+
+    from d3mfmt import ClassInfo
+
+    name = os.fsdecode(b"caf\xe9")  # how Python hands over a Latin-1 folder name
+    with pytest.raises(D3MFormatError, match=r"class id contains the unpaired surrogate '\\udce9'"):
+        ClassInfo(name, name)
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1e999", b"1E400"])
+def test_numbers_that_overflow_to_infinity_are_refused(archive_bytes, number):
+    def edit(raw):
+        return raw.replace(b'"guidance_scale":1.0', b'"guidance_scale":' + number, 1)
+
+    assert b'"guidance_scale":1.0' in members_of(archive_bytes)[1][1]
+    rejects(_raw_manifest(archive_bytes, edit), "not a finite double")
+    build = _raw_manifest(archive_bytes, lambda raw: raw.replace(b'"build":{}', b'"build":{"x":' + number + b"}", 1))
+    rejects(build, "not a finite double")
+
+
+def test_duplicate_keys_are_refused(archive_bytes):
+    rejects(_raw_manifest(archive_bytes, lambda raw: b'{"format":"zip",' + raw[1:]), "duplicate key 'format'")
+    nested = _raw_manifest(archive_bytes, lambda raw: raw.replace(b'"ipc":2', b'"ipc":2,"ipc":3', 1))
+    rejects(nested, "duplicate key 'ipc'")
+
+
+def test_deep_nesting_is_refused_without_recursion_errors(archive_bytes):
+    for depth in (40, 100_000):
+        nest = b"[" * depth + b"]" * depth
+        data = _raw_manifest(archive_bytes, lambda raw: raw.replace(b'"build":{}', b'"build":{"x":' + nest + b"}", 1))
+        rejects(data, "nests deeper than 32|not valid UTF-8 JSON")
+
+
+def test_soft_label_indices_are_bounded(archive_bytes):
+    a = d3mfmt.load(archive_bytes)  # 3 classes, ipc 2, 2x2 grid
+    assert a.soft_label(2, 1, 3).shape == (3,)
+    for c, i, j in [(0, 0, 4), (0, 2, 0), (3, 0, 0), (-1, 0, 0), (0, 0, -1), (0, 0, 1.0), (True, 0, 0)]:
+        with pytest.raises(d3mfmt.D3MError, match="soft_label"):
+            a.soft_label(c, i, j)
