@@ -24,6 +24,7 @@ import safetensors.numpy
 from . import container
 from .errors import D3MError, D3MFormatError
 from .labels import MAX_LABEL_TABLE, LabelTable, check_rows, compress, decompress
+from .jsonfields import loads
 from .manifest import Manifest, MemberInfo
 
 CONTENT_HASH_DOMAIN = b"d3m-content-v1\n"
@@ -196,10 +197,10 @@ def parse_tensors(manifest: Manifest, data: bytes) -> dict[str, np.ndarray]:
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
         raise D3MFormatError(f"{where}: header length {header_len} exceeds the member's {len(data) - 8} bytes")
-    try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int-size limits
-        raise D3MFormatError(f"{where}: header is not valid JSON ({exc})") from None
+    try:  # duplicate keys refused: another reader could take the other one
+        header = loads(data[8 : 8 + header_len], where=f"{where}: header")
+    except D3MFormatError as exc:
+        raise D3MFormatError(f"{where}: header is not valid JSON ({exc})"[:500]) from None
     if not isinstance(header, dict):
         raise D3MFormatError(f"{where}: header must be a JSON object")
     header.pop("__metadata__", None)
@@ -216,6 +217,9 @@ def parse_tensors(manifest: Manifest, data: bytes) -> dict[str, np.ndarray]:
         tensors = safetensors.numpy.load(bytes(data))
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
         raise D3MFormatError(f"{where}: invalid safetensors data ({exc})") from None
+    for name, (dtype, shape) in specs.items():  # what was loaded is what the header said
+        if tensors[name].dtype != np.dtype(dtype) or tensors[name].shape != shape:
+            raise D3MFormatError(f"{where}: tensor {name!r} loaded as {tensors[name].dtype} {tensors[name].shape}")
     _check_tensor_values(tensors["embeddings"], tensors["seeds"])
     return tensors
 

@@ -21,7 +21,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def loads(raw: bytes, where: str = "manifest.json"):
-    """UTF-8 JSON bytes -> a checked document; raise D3MFormatError."""
+    """UTF-8 JSON bytes -> a document without NaN, overflowing numbers or duplicate keys; raise D3MFormatError.
+
+    Follow it with ``check_tree`` (``Manifest.from_dict`` does).
+    """
     try:
         doc = json.loads(
             raw.decode("utf-8"),
@@ -31,31 +34,52 @@ def loads(raw: bytes, where: str = "manifest.json"):
         )
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise D3MFormatError(f"{where}: not valid UTF-8 JSON ({exc})"[:500]) from None
-    check_tree(doc, where)
     return doc
 
 
 def check_tree(doc, where: str = "manifest.json") -> None:
-    """Raise D3MFormatError for an unpaired surrogate, a non-finite number or too deep nesting anywhere in ``doc``."""
-    stack = [(doc, "", 1)]
-    while stack:
-        node, path, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise D3MFormatError(f"{where}: {path or 'top level'} nests deeper than {MAX_DEPTH} levels")
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not isinstance(key, str):
-                    raise D3MFormatError(f"{where}: {path or 'top level'} has a non-string key {key!r}"[:500])
-                _check_text(key, f"{path}.{key}" if path else key, where)
-                stack.append((value, f"{path}.{key}" if path else key, depth + 1))
-        elif isinstance(node, (list, tuple)):
-            stack.extend((value, f"{path}[{i}]", depth + 1) for i, value in enumerate(node))
-        elif isinstance(node, str):
-            _check_text(node, path, where)
-        elif isinstance(node, float) and not math.isfinite(node):
-            raise D3MFormatError(f"{where}: {path} must be a finite number, got {node!r}")
-        elif not (node is None or isinstance(node, (bool, int, float))):
-            raise D3MFormatError(f"{where}: {path} holds a {type(node).__name__}, which JSON cannot store")
+    """Raise D3MFormatError for an unpaired surrogate, a non-finite number or too deep nesting anywhere in ``doc``.
+
+    Recursion is bounded by MAX_DEPTH, and a path string is built only for the
+    error, so a manifest of millions of tiny values costs no per-value memory.
+    """
+    _walk(doc, [], where)
+
+
+def _walk(node, path: list, where: str) -> None:
+    if len(path) >= MAX_DEPTH:
+        raise D3MFormatError(f"{where}: {_path(path)} nests deeper than {MAX_DEPTH} levels")
+    if isinstance(node, str):
+        if _SURROGATE.search(node):
+            _check_text(node, _path(path), where)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise D3MFormatError(f"{where}: {_path(path)} has a non-string key {key!r}"[:500])
+            path.append(key)
+            if _SURROGATE.search(key):
+                _check_text(key, _path(path), where)
+            if isinstance(value, (dict, list, tuple, str, float)) or value is not None and not isinstance(value, int):
+                _walk(value, path, where)
+            path.pop()
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            if isinstance(value, (dict, list, tuple, str, float)) or value is not None and not isinstance(value, int):
+                path.append(i)
+                _walk(value, path, where)
+                path.pop()
+    elif isinstance(node, float):
+        if not math.isfinite(node):
+            raise D3MFormatError(f"{where}: {_path(path)} must be a finite number, got {node!r}")
+    elif not (node is None or isinstance(node, int)):  # bool is an int
+        raise D3MFormatError(f"{where}: {_path(path)} holds a {type(node).__name__}, which JSON cannot store")
+
+
+def _path(parts: list) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "top level"
 
 
 def check_text(value: str, what: str) -> None:

@@ -382,3 +382,15 @@ def test_soft_label_indices_are_bounded(archive_bytes):
     for c, i, j in [(0, 0, 4), (0, 2, 0), (3, 0, 0), (-1, 0, 0), (0, 0, -1), (0, 0, 1.0), (True, 0, 0)]:
         with pytest.raises(d3mfmt.D3MError, match="soft_label"):
             a.soft_label(c, i, j)
+
+
+def test_safetensors_header_with_duplicate_keys(archive_bytes):
+    raw = members_of(archive_bytes)[2][1]
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8 : 8 + header_len]
+    seeds = json.loads(header)["seeds"]
+    fake = json.dumps({**seeds, "shape": [1, 1]}, separators=(",", ":")).encode()
+    forged_header = b'{"seeds":' + fake + b"," + header[1:]  # a second "seeds" entry; json keeps the last one
+    forged_header += b" " * ((8 - len(forged_header) % 8) % 8)
+    forged = struct.pack("<Q", len(forged_header)) + forged_header + raw[8 + header_len :]
+    rejects(with_member(archive_bytes, "tensors.safetensors", forged), "duplicate key 'seeds'")
