@@ -93,7 +93,7 @@ def _check_text(value: str, path: str, where: str) -> None:
         prefix = f"{where}: " if where else ""
         raise D3MFormatError(
             f"{prefix}{path or 'a key'} contains the unpaired surrogate {m.group()!r}, which is not valid Unicode "
-            f"(a file name that is not UTF-8?); got {value!r}"[:500]
+            f"(a file or folder name that is not UTF-8? rename it); got {value!r}"[:500]
         )
 
 

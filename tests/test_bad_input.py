@@ -394,3 +394,83 @@ def test_safetensors_header_with_duplicate_keys(archive_bytes):
     forged_header += b" " * ((8 - len(forged_header) % 8) % 8)
     forged = struct.pack("<Q", len(forged_header)) + forged_header + raw[8 + header_len :]
     rejects(with_member(archive_bytes, "tensors.safetensors", forged), "duplicate key 'seeds'")
+
+
+# -- memory bombs inside the limits: peak RSS of d3m-inspect --check ------------
+
+
+def _bomb(classes: int, ipc: int, grid: int, encoding, frame: bytes) -> bytes:
+    """A small archive whose manifest and tensors declare ``classes`` x ``ipc`` and whose labels are ``frame``."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    tensors = _tensors(
+        embeddings=rng.normal(size=(classes, 1, 8)).astype(np.float16),
+        seeds=np.arange(classes * ipc, dtype=np.int64).reshape(classes, ipc),
+        fingerprints=np.zeros((classes, ipc, 4, 4), dtype=np.uint8),
+    )
+
+    def mutate(doc):
+        doc["dataset"].update(ipc=ipc, grid=grid, classes=[{"id": f"c{i}", "name": f"c{i}"} for i in range(classes)])
+        doc["generator"].update(height=16 * grid, width=16 * grid, latent_shape=[4, 4 * grid, 4 * grid])
+        doc["labels"].update(encoding=encoding.kind, k=encoding.k, values=encoding.values)
+        for name, blob in (("tensors.safetensors", tensors), ("labels.zst", frame)):
+            doc["members"][name] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+    entries = members_of(d3mfmt.save(make_archive()))
+    entries[2], entries[3] = ("tensors.safetensors", tensors), ("labels.zst", frame)
+    return with_manifest(zip_members(entries), mutate)
+
+
+def _inspect_check_peak(path) -> tuple[int, str, int]:
+    """(exit code, stdout + stderr, peak RSS in MiB) of ``d3m-inspect --check path`` in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\n"
+        "from d3mfmt.cli import inspect_main\n"
+        "try:\n    inspect_main(['--check', sys.argv[1]])\n"
+        "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    peak = int(out.stderr.rsplit("PEAK", 1)[1].split()[0])
+    return out.returncode, out.stdout + out.stderr, peak
+
+
+def test_two_gib_dense_label_bomb_is_refused_in_bounded_memory(tmp_path):
+    import zstandard
+
+    # the review's 121 KB archive: 1,448 classes, dense f32, a 2 GiB payload in an ordinary zstd frame
+    enc = d3mfmt.LabelEncoding("dense", None, "f32")
+    size = enc.payload_size(1448 * 256, 1448)
+    cobj = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+    chunk = b"\x3c" * (1448 * 4 * 2048)  # 2,048 rows of 0.0115 everywhere
+    frame = b"".join(cobj.compress(chunk) for _ in range(size // len(chunk))) + cobj.flush()
+    path = tmp_path / "bomb.d3m"
+    path.write_bytes(_bomb(1448, 1, 16, enc, frame))
+    assert path.stat().st_size < 200_000
+    code, err, peak = _inspect_check_peak(path)
+    assert code == 1 and "exceeds this reader's cap" in err and "Traceback" not in err, err
+    assert peak < 300, peak  # MiB: the interpreter and the archive, nothing sized by the payload
+
+
+def test_topk_k_equals_c_table_at_the_cap_decodes_near_its_size(tmp_path):
+    import zstandard
+
+    # 1,448 classes, k = C, f16: 46,336 rows of 5,792 bytes = 256 MiB, just under the default cap
+    classes, ipc, grid = 1448, 8, 2
+    enc = d3mfmt.LabelEncoding("topk", classes, "f16")
+    rows = classes * ipc * grid * grid
+    size = enc.payload_size(rows, classes)
+    assert size <= 256 << 20  # the default cap
+    cobj = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+    block = 256  # rows per chunk; 46,336 = 181 x 256
+    parts = [cobj.compress(np.tile(np.arange(classes, dtype="<u2"), block).tobytes()) for _ in range(rows // block)]
+    parts += [cobj.compress(np.full(classes * block, 0x1C00, dtype="<u2").tobytes()) for _ in range(rows // block)]
+    frame = b"".join(parts) + cobj.flush()
+    path = tmp_path / "topk.d3m"
+    path.write_bytes(_bomb(classes, ipc, grid, enc, frame))
+    code, err, peak = _inspect_check_peak(path)
+    assert code == 0 and "topk.d3m: valid" in err, err
+    assert peak < size / (1 << 20) + 200, peak  # MiB: the table plus the interpreter, not 2.4 GiB
