@@ -286,7 +286,6 @@ def decompress(frame: bytes, encoding: LabelEncoding, rows: int, num_classes: in
     try:
         declared = zstandard.frame_content_size(frame)
         params = zstandard.get_frame_parameters(frame)
-        header_size = zstandard.frame_header_size(frame)
     except zstandard.ZstdError as exc:
         raise D3MFormatError(f"{where}: not a zstd frame ({exc})") from None
     if declared != expected:
@@ -294,31 +293,18 @@ def decompress(frame: bytes, encoding: LabelEncoding, rows: int, num_classes: in
         raise D3MFormatError(f"{where}: zstd frame declares {shown}, the manifest implies {expected} bytes")
     if params.dict_id:
         raise D3MFormatError(f"{where}: the zstd frame needs dictionary {params.dict_id}; frames must not use a dictionary")
-    # 2. exactly one frame, nothing after it: walk its blocks (RFC 8878 3.1.1)
-    if _frame_length(frame, header_size, params.has_checksum) != len(frame):
-        raise D3MFormatError(f"{where}: expected exactly one complete zstd frame of {expected} bytes")
-    # 3. decode into one buffer of exactly the declared size
+    # 2. decode into one buffer of exactly the declared size; nothing may follow the frame
     try:
-        payload = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected)
+        payload = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as exc:
+        if "unused data" in str(exc):
+            raise D3MFormatError(f"{where}: expected exactly one complete zstd frame of {expected} bytes, "
+                                 "found bytes after it") from None
         raise D3MFormatError(f"{where}: corrupt zstd frame ({exc})") from None
     if len(payload) != expected:
         raise D3MFormatError(f"{where}: expected exactly one complete zstd frame of {expected} bytes")
-    # 4. split the payload and check every entry
+    # 3. split the payload and check every entry
     return _parse_payload(payload, encoding, rows, num_classes)
-
-
-def _frame_length(frame: bytes, pos: int, has_checksum: bool) -> int:
-    """Bytes from the frame's start to the end of its last block (and checksum); -1 if truncated."""
-    while pos + 3 <= len(frame):
-        header = int.from_bytes(frame[pos : pos + 3], "little")
-        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
-        pos += 3 + (1 if kind == 1 else size)  # an RLE block stores one byte
-        if kind == 3:
-            return -1  # reserved block type
-        if last:
-            return pos + (4 if has_checksum else 0)
-    return -1
 
 
 def _parse_payload(payload: bytes, encoding: LabelEncoding, rows: int, num_classes: int) -> LabelTable:

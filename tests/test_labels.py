@@ -288,3 +288,17 @@ def test_random_round_trips_never_write_what_the_reader_rejects():
         decompress(compress(table), enc, rows, classes)  # must not raise
         written += 1
     assert written > 100
+
+
+def test_a_frame_of_a_million_empty_blocks_is_decoded_quickly():
+    import time
+
+    enc = LabelEncoding("topk", 2, "u8")
+    payload = np.array([[0, 1], [2, 3]], dtype=np.uint8).tobytes() + bytes([200, 20, 200, 20])
+    empty_raw_block = (0 | (0 << 1) | (0 << 3)).to_bytes(3, "little")
+    last = (1 | (0 << 1) | (len(payload) << 3)).to_bytes(3, "little") + payload
+    frame = (0xFD2FB528).to_bytes(4, "little") + bytes([0xE0]) + len(payload).to_bytes(8, "little")
+    frame += empty_raw_block * 1_000_000 + last
+    t0 = time.monotonic()
+    assert decompress(frame, enc, 2, 10).indices.tolist() == [[0, 1], [2, 3]]
+    assert time.monotonic() - t0 < 1.0
