@@ -3,7 +3,10 @@
 SPEC.md ("Container and members") is the authority. The writer emits every
 member STORED with the DOS date 1980-01-01 00:00:00, mode 0644, no extra
 fields and no comment, so identical members give identical bytes. The reader
-works on bytes already in memory and keeps no file handle.
+works on bytes already in memory and keeps no file handle; it does not use
+``zipfile`` but walks the end record, the central directory and every local
+header itself, and refuses any disagreement between them, any extra field,
+comment, flag, gap or trailing byte (SPEC.md's numbered MUST-reject list).
 """
 
 from __future__ import annotations
