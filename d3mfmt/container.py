@@ -34,6 +34,7 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 MAX_ARCHIVE_BYTES = (1 << 32) - 1  # no ZIP64
 # 30-byte local header + "mimetype": the media type sits at a fixed offset
 MAGIC_OFFSET = 30 + len(MIMETYPE)
+HEAD_BYTES = MAGIC_OFFSET + len(MEDIA_TYPE)  # what check_head needs
 
 
 def write_zip(members: dict[str, bytes]) -> bytes:
@@ -69,24 +70,14 @@ def read_zip(data: bytes) -> dict[str, bytes]:
     content (SPEC.md "Container and members").
     """
     # 1. magic: the mimetype member first, uncompressed, at a fixed offset
-    if data[:4] != LOCAL_SIG or data[30:MAGIC_OFFSET] != MIMETYPE.encode():
-        raise D3MFormatError("not a .d3m archive: the file does not start with a ZIP 'mimetype' member")
-    if data[MAGIC_OFFSET : MAGIC_OFFSET + len(MEDIA_TYPE)] != MEDIA_TYPE:
-        raise D3MFormatError(f"not a .d3m archive: mimetype is not {MEDIA_TYPE.decode()!r}")
+    check_head(data[:HEAD_BYTES])
     if len(data) > MAX_ARCHIVE_BYTES:
         raise D3MFormatError(f"archive of {len(data)} bytes exceeds the 4 GiB limit of format 1.x")
     # 2. the end record is the last 22 bytes: no archive comment, no trailing bytes
     #    and the central directory ends exactly where it begins (no ZIP64 records)
     end = len(data) - END_RECORD.size
-    if end < 0 or data[end : end + 4] != END_SIG:
-        raise D3MFormatError("ZIP container: no end-of-central-directory record in the last 22 bytes "
-                             "(truncated, trailing bytes or an archive comment)")
-    _, disk, cd_disk, here, total, cd_size, cd_offset, comment = END_RECORD.unpack_from(data, end)
-    if (disk, cd_disk, comment) != (0, 0, 0) or here != total:
-        raise D3MFormatError("ZIP container: multi-disk archives and archive comments are not allowed")
-    if cd_offset + cd_size != end:
-        raise D3MFormatError("ZIP container: the central directory does not end at the end record "
-                             "(truncated, a gap, or ZIP64 records)")
+    total, cd_offset = check_end(data[max(end, 0) :], len(data))
+    # 3. the central directory: exactly the four names, in order
     # 3. the central directory: exactly the four names, in order
     entries, pos = [], cd_offset
     for _ in range(total):
@@ -118,6 +109,29 @@ def read_zip(data: bytes) -> dict[str, bytes]:
     if members[MIMETYPE] != MEDIA_TYPE:
         raise D3MFormatError(f"mimetype member must hold {MEDIA_TYPE.decode()!r}")
     return members
+
+
+def check_head(head: bytes) -> None:
+    """The file's first HEAD_BYTES: a stored 'mimetype' member holding the media type."""
+    if head[:4] != LOCAL_SIG or head[30:MAGIC_OFFSET] != MIMETYPE.encode():
+        raise D3MFormatError("not a .d3m archive: the file does not start with a ZIP 'mimetype' member")
+    if head[MAGIC_OFFSET : MAGIC_OFFSET + len(MEDIA_TYPE)] != MEDIA_TYPE:
+        raise D3MFormatError(f"not a .d3m archive: mimetype is not {MEDIA_TYPE.decode()!r}")
+
+
+def check_end(tail: bytes, size: int) -> tuple[int, int]:
+    """(entry count, central directory offset) from the last 22 bytes of a ``size``-byte file."""
+    end = size - END_RECORD.size
+    if end < 0 or tail[:4] != END_SIG:
+        raise D3MFormatError("ZIP container: no end-of-central-directory record in the last 22 bytes "
+                             "(truncated, trailing bytes or an archive comment)")
+    _, disk, cd_disk, here, total, cd_size, cd_offset, comment = END_RECORD.unpack_from(tail, 0)
+    if (disk, cd_disk, comment) != (0, 0, 0) or here != total:
+        raise D3MFormatError("ZIP container: multi-disk archives and archive comments are not allowed")
+    if cd_offset + cd_size != end:
+        raise D3MFormatError("ZIP container: the central directory does not end at the end record "
+                             "(truncated, a gap, or ZIP64 records)")
+    return total, cd_offset
 
 
 def _central_entry(data: bytes, pos: int, end: int) -> dict:
@@ -202,6 +216,11 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         if st.st_size > MAX_ARCHIVE_BYTES:
             raise D3MFormatError(f"{path}: {st.st_size} bytes exceeds the 4 GiB limit of format 1.x")
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            # the magic and the end record first, so a large file that is no archive is never read whole
+            check_head(f.read(HEAD_BYTES))
+            f.seek(max(st.st_size - END_RECORD.size, 0))
+            check_end(f.read(END_RECORD.size), st.st_size)
+            f.seek(0)
             data = f.read(st.st_size + 1)  # one byte more than stat says: a growing file shows up here
     except OSError as exc:
         raise D3MFormatError(f"{path}: cannot be read ({exc.strerror})") from None

@@ -106,3 +106,21 @@ def test_d3m_inspect_on_dev_zero_exits_cleanly():
     code = "from d3mfmt.cli import inspect_main; inspect_main(['--check', '/dev/zero'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "not a regular file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_large_file_that_is_no_archive_is_not_read_whole(tmp_path, archive_bytes):
+    import resource
+
+    sparse = tmp_path / "zeros.d3m"
+    with open(sparse, "wb") as f:
+        f.truncate(3 << 30)  # 3 GiB of zeros, no disk used
+    headed = tmp_path / "headed.d3m"
+    with open(headed, "wb") as f:
+        f.write(archive_bytes[:200])
+        f.truncate(3 << 30)  # a real head, no end record
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(D3MFormatError, match="not a .d3m archive"):
+        d3mfmt.load_file(sparse)
+    with pytest.raises(D3MFormatError, match="end-of-central-directory"):
+        d3mfmt.load_file(headed)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: nothing near 3 GiB
