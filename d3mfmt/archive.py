@@ -24,7 +24,7 @@ import safetensors.numpy
 from . import container
 from .errors import D3MError, D3MFormatError
 from .labels import MAX_LABEL_TABLE, LabelTable, check_rows, compress, decompress
-from .jsonfields import loads
+from .jsonfields import check_tree, loads
 from .manifest import Manifest, MemberInfo
 
 CONTENT_HASH_DOMAIN = b"d3m-content-v1\n"
@@ -199,6 +199,7 @@ def parse_tensors(manifest: Manifest, data: bytes) -> dict[str, np.ndarray]:
         raise D3MFormatError(f"{where}: header length {header_len} exceeds the member's {len(data) - 8} bytes")
     try:  # duplicate keys refused: another reader could take the other one
         header = loads(data[8 : 8 + header_len], where=f"{where}: header")
+        check_tree(header, where=f"{where}: header")
     except D3MFormatError as exc:
         raise D3MFormatError(f"{where}: header is not valid JSON ({exc})"[:500]) from None
     if not isinstance(header, dict):
