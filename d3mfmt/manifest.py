@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from .errors import D3MFormatError
-from .jsonfields import MAX_TEXT, Fields, check_text, check_tree, loads
+from .jsonfields import Fields, check_text, check_tree, loads
 from .labels import LabelEncoding
 from .schedulers import PIPELINES, check_scheduler_config
 
