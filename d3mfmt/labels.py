@@ -9,7 +9,7 @@ Example:
     >>> import numpy as np
     >>> probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
     >>> table = encode(probs, LabelEncoding(kind="topk", k=2, values="f16"))
-    >>> table.dense().round(2).tolist()
+    >>> table.dense().astype(float).round(2).tolist()
     [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]
 """
 
