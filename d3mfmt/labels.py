@@ -325,6 +325,20 @@ def _parse_payload(payload: bytes, encoding: LabelEncoding, rows: int, num_class
     return table
 
 
+def _check_layout(table: LabelTable, where: str) -> None:
+    """The arrays' dtypes and shapes are the ones the encoding stores (a hand-made table may differ)."""
+    enc, rows = table.encoding, table.rows
+    want_idx = None if enc.kind == "dense" else (INDEX_DTYPES[enc.index_dtype(table.num_classes)],
+                                                (rows,) if enc.kind == "hard" else (rows, enc.k))
+    want_val = None if enc.values is None else (VALUE_CODECS[enc.values],
+                                                (rows, table.num_classes if enc.kind == "dense" else enc.k))
+    for name, array, want in (("indices", table.indices, want_idx), ("values", table.values, want_val)):
+        got = None if array is None else (getattr(array, "dtype", None), getattr(array, "shape", None))
+        if got != want:
+            shown = "none" if want is None else f"{want[0]} {want[1]}"
+            raise D3MFormatError(f"{where}: {name} must be {shown} for {enc}, got {got}")
+
+
 def check_rows(table: LabelTable, where: str = "labels.zst") -> None:
     """The per-row rules of SPEC.md "Label encoding", a chunk of rows at a time; raise D3MFormatError.
 
@@ -332,6 +346,7 @@ def check_rows(table: LabelTable, where: str = "labels.zst") -> None:
     table it stores, so the two cannot disagree.
     """
     enc, num_classes = table.encoding, table.num_classes
+    _check_layout(table, where)
     if table.indices is not None and table.indices.size and int(table.indices.max()) >= num_classes:
         raise D3MFormatError(f"{where}: class index {int(table.indices.max())} >= number of classes {num_classes}")
     width = num_classes if enc.kind == "dense" else enc.k

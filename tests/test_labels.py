@@ -302,3 +302,17 @@ def test_a_frame_of_a_million_empty_blocks_is_decoded_quickly():
     t0 = time.monotonic()
     assert decompress(frame, enc, 2, 10).indices.tolist() == [[0, 1], [2, 3]]
     assert time.monotonic() - t0 < 1.0
+
+
+def test_a_hand_made_table_with_the_wrong_layout_is_refused_before_writing():
+    from d3mfmt.labels import LabelTable, check_rows
+
+    enc = LabelEncoding("topk", 2, "u8")
+    good = encode(peaked(rows=4), enc)
+    for indices, values in [
+        (good.indices.astype(np.uint16), good.values),  # the index dtype for 10 classes is uint8
+        (good.indices, good.values[:, :1].copy()),  # one value per row, k = 2
+        (good.indices, None),
+    ]:
+        with pytest.raises(D3MFormatError, match="must be"):
+            check_rows(LabelTable(enc, 10, indices, values), where="labels")
