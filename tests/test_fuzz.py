@@ -54,11 +54,33 @@ def mutate_bytes(rng: random.Random, data: bytes, donors: list[bytes]) -> bytes:
     return bytes(data)
 
 
+def mutate_safetensors_header(rng: random.Random, blob: bytes) -> bytes:
+    """Rewrite one field of the safetensors header (dtype, shape, offsets, metadata) to a hostile value."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    name = rng.choice(sorted(header))
+    entry = header[name]
+    field = rng.choice(("dtype", "shape", "data_offsets", "entry", "metadata"))
+    hostile = rng.choice(HOSTILE_VALUES + [[1 << 40, 1], [-1, 4], [0, 0], "F64", "I8", "BOOL", [3, 1, 8.0]])
+    if field == "entry":
+        header[name] = hostile
+    elif field == "metadata":
+        header["__metadata__"] = hostile
+    elif isinstance(entry, dict):
+        entry[field] = hostile
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n :]
+
+
 def mutate_member(rng: random.Random, data: bytes, donors: list[bytes]) -> bytes:
     """Mutate one member, then repair CRCs (by re-zipping) and the manifest's size and sha256."""
     entries = members_of(data)
-    i = rng.choice((1, 2, 3, 3))
-    entries[i] = (entries[i][0], mutate_bytes(rng, entries[i][1], donors))
+    i = rng.choice((1, 2, 2, 3, 3))
+    if i == 2 and rng.random() < 0.5:
+        entries[i] = (entries[i][0], mutate_safetensors_header(rng, entries[i][1]))
+    else:
+        entries[i] = (entries[i][0], mutate_bytes(rng, entries[i][1], donors))
     if i > 1:
         try:
             doc = json.loads(entries[1][1])
