@@ -62,8 +62,8 @@ END_RECORD = struct.Struct("<4sHHHHIIH")  # sig, disk, cd disk, entries here, en
 LOCAL_SIG, CENTRAL_SIG, END_SIG = b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06"
 
 
-def read_zip(data: bytes) -> dict[str, bytes]:
-    """Check the container and return its members in order; raise D3MFormatError.
+def read_zip(data: bytes) -> dict[str, memoryview]:
+    """Check the container and return its members in order, as views into ``data``; raise D3MFormatError.
 
     The reader walks the local headers itself and requires every one to agree
     with its central-directory entry, so no other ZIP reader can see different
@@ -96,14 +96,15 @@ def read_zip(data: bytes) -> dict[str, bytes]:
         raise D3MFormatError(f"ZIP container: members must be exactly {list(MEMBER_ORDER)} in that order, got {names}")
     # 4. each local header agrees with its central entry; no extras; members
     #    back to back from offset 0 up to the central directory
-    members: dict[str, bytes] = {}
+    view = memoryview(data)  # members are views: no copy of the payload
+    members: dict[str, memoryview] = {}
     local = 0
     for name, entry in zip(names, entries):
         _check_entry(name, entry)
         if entry["offset"] != local:
             raise D3MFormatError(f"ZIP container: member {name!r} starts at byte {entry['offset']}, expected {local} "
                                  "(members must be back to back from the start of the file)")
-        members[name], local = _local_member(data, name, entry, cd_offset)
+        members[name], local = _local_member(view, name, entry, cd_offset)
     if local != cd_offset:
         raise D3MFormatError(f"ZIP container: {cd_offset - local} bytes between the last member and the central directory")
     if members[MIMETYPE] != MEDIA_TYPE:
@@ -170,7 +171,7 @@ def _check_entry(name: str, e: dict) -> None:
         raise D3MFormatError(f"ZIP container: member {name!r} has inconsistent sizes; the file may be truncated")
 
 
-def _local_member(data: bytes, name: str, e: dict, limit: int) -> tuple[bytes, int]:
+def _local_member(data: memoryview, name: str, e: dict, limit: int) -> tuple[memoryview, int]:
     """(member bytes, offset after them) from the local header at ``e["offset"]``, which must match ``e``."""
     pos = e["offset"]
     if pos + LOCAL_HEADER.size > limit or data[pos : pos + 4] != LOCAL_SIG:

@@ -27,12 +27,12 @@ def loads(raw: bytes, where: str = "manifest.json"):
     """
     try:
         doc = json.loads(
-            raw.decode("utf-8"),
+            str(raw, "utf-8"),  # bytes or a memoryview
             parse_constant=_reject_constant,
             parse_float=_finite_float,
             object_pairs_hook=_unique_keys,
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError, TypeError) as exc:
         raise D3MFormatError(f"{where}: not valid UTF-8 JSON ({exc})"[:500]) from None
     return doc
 

@@ -481,3 +481,22 @@ def test_topk_k_equals_c_table_at_the_cap_decodes_near_its_size(tmp_path):
     code, err, peak = _inspect_check_peak(path)
     assert code == 0 and "topk.d3m: valid" in err, err
     assert peak < size / (1 << 20) + 200, peak  # MiB: the table plus the interpreter, not 2.4 GiB
+
+
+@_PROC
+def test_a_large_member_is_read_once_not_copied(tmp_path, archive_bytes):
+    # a 200 MiB labels member with a valid CRC: refused by its size, with the file read once and no member copies
+    path, size = tmp_path / "big.d3m", 200 << 20
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members_of(archive_bytes):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            if name != "labels.zst":
+                zf.writestr(info, data)
+                continue
+            info.file_size = size
+            with zf.open(info, "w") as f:
+                for _ in range(size >> 20):
+                    f.write(bytes(1 << 20))
+    code, out, peak = _inspect_check_peak(path)
+    assert code == 1 and f"labels.zst: {size} bytes, the manifest says" in out, out
+    assert peak < 200 + 100, peak  # MiB: the file once plus the interpreter (a copy per member would double it)
