@@ -70,6 +70,7 @@ def content_hash(manifest: Manifest) -> str:
     doc = manifest.to_dict()
     core = {key: doc[key] for key in ("dataset", "generator", "embeddings", "labels", "fingerprints")}
     core["members"] = {name: doc["members"][name] for name in container.PAYLOAD_MEMBERS if name in doc["members"]}
+    check_tree(core)  # an in-memory manifest may hold what JSON cannot (an unpaired surrogate, inf)
     blob = json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(CONTENT_HASH_DOMAIN + blob).hexdigest()
 

@@ -282,7 +282,8 @@ def decompress(frame: bytes, encoding: LabelEncoding, rows: int, num_classes: in
     # 1. the frame header must declare exactly the size the manifest implies,
     #    checked before anything is allocated for the output
     if len(frame) < 4 or int.from_bytes(frame[:4], "little") != ZSTD_MAGIC:
-        raise D3MFormatError(f"{where}: not a zstd frame (expected the magic number 28 b5 2f fd; skippable frames are not allowed)")
+        raise D3MFormatError(f"{where}: not a zstd frame (expected the magic number 28 b5 2f fd; "
+                             "skippable frames are not allowed)")
     try:
         declared = zstandard.frame_content_size(frame)
         params = zstandard.get_frame_parameters(frame)
