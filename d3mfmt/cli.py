@@ -14,7 +14,7 @@ import click
 
 from . import container
 from .archive import load_members
-from .errors import D3MError
+from .errors import D3MError, D3MFormatError
 from .summary import check, render_text, summarize
 from .terminal import printable
 
@@ -137,6 +137,8 @@ def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview
                 click.echo(printable(f"wrote a dataset card to {card}"))
         if not ok:
             sys.exit(1)
+    except D3MFormatError as exc:  # a problem of this file: name it, as --check's lines do
+        _fail(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
     except D3MError as exc:
         _fail(str(exc))
     except OSError as exc:
