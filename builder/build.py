@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 import torch
 
 import d3mfmt
@@ -42,33 +42,41 @@ from d3mfmt import (
     SourceInfo,
     TeacherInfo,
 )
-from d3mfmt.container import write_atomic
-from d3mfmt.generator import Regenerator, default_device, default_dtype, shared_pipeline
+from d3mfmt.generator import Regenerator, check_device, default_device, default_dtype, shared_pipeline
 from d3mfmt.manifest import generator_from_dict, generator_to_dict
-from d3mfmt.models import BUILTIN_MODELS, model_identity, resolve_model
+from d3mfmt.models import model_identity, resolve_model
+from d3mfmt.summary import LOW_AGREEMENT_FLOOR
+from d3mfmt.terminal import printable
 
+from .defaults import resolve_settings
+from .guards import check_class_order, domain_message, domain_problems, teacher_confusion
 from .inversion import TIMESTEP_SAMPLING, InversionSettings, invert_class_token
 from .labelling import choose_seeds, class_seeds, render_and_label
 from .patches import PatchSettings, make_collages, select_patches
 from .teacher_spec import check_teacher_width, resolve_teacher, teacher_identity
+from .workdir import REBUILD_CLASS, SETTINGS_FILE, Workdir, check_output_path
 
 log = logging.getLogger("d3m-build")
-SETTINGS_FILE = "settings.json"
 
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """Everything that determines the archive's content (recorded in manifest.build.settings)."""
+    """Everything that determines the archive's content (recorded in manifest.build.settings).
 
-    model: str = "d3m/tiny-mnist"
+    ``model`` and ``teacher`` have no default: a build names both (:func:`demo_settings`
+    gives the built-in pair). ``None`` means "the model's default" (builder/defaults.py);
+    :func:`~builder.defaults.resolve_settings` fills those in before the build.
+    """
+
+    model: str  # built-in id, diffusers folder or hub id (local cache)
+    teacher: str  # built-in teacher name or module:function
     revision: str | None = None
-    teacher: str = "mnist-cnn"
     ipc: int = 10
     grid: int = 2
-    resolution: int | None = None  # collage side; default: the model's
-    steps: int | None = None  # DDIM steps; default: the model's recommendation
+    resolution: int | None = None  # collage side in pixels
+    steps: int | None = None  # DDIM steps
     guidance_scale: float | None = None
-    prompt_template: str | None = None  # with "{token}"; default by model and grid
+    prompt_template: str | None = None  # with "{token}"
     negative_prompt: str = ""
     seed: int = 0
     seed_candidates: int = 1  # M: render M candidates per kept image
@@ -81,23 +89,50 @@ class BuildSettings:
         return json.loads(json.dumps(asdict(self)))
 
 
+DEMO_MODEL, DEMO_TEACHER = "d3m/tiny-mnist", "mnist-cnn"
+
+
+def demo_settings(**overrides) -> BuildSettings:
+    """The built-in demo: the tiny MNIST model and the MNIST teacher, with the model's defaults."""
+    return BuildSettings(model=DEMO_MODEL, teacher=DEMO_TEACHER, **overrides)
+
+
 def check_settings(s: BuildSettings) -> None:
-    """One clear error per bad argument, before any work."""
+    """One clear error per bad value, before any work. ``None`` (the model's default) is always fine."""
+
+    def positive(value, option, lo=1):
+        return value is None or (not isinstance(value, bool) and value >= lo), \
+            f"{option} must be >= {lo}, got {value}"
+
+    def finite_positive(value, option):
+        return value is None or (math.isfinite(value) and value > 0), f"{option} must be a positive number, got {value}"
+
+    inv, pat = s.inversion, s.patches
     checks = [
-        (s.ipc >= 1, f"--ipc must be a positive integer, got {s.ipc}"),
+        (isinstance(s.model, str) and s.model != "", "--model must name a model (built-in id, folder or hub id)"),
+        (isinstance(s.teacher, str) and s.teacher != "", "--teacher must name a teacher (built-in or module:function)"),
+        positive(s.ipc, "--ipc"),
         (1 <= s.grid <= 8, f"--grid must be in 1..8, got {s.grid}"),
-        (s.seed_candidates >= 1, f"--seed-candidates must be >= 1, got {s.seed_candidates}"),
-        (s.seed >= 0, f"--seed must be >= 0, got {s.seed}"),
-        (s.temperature > 0, f"--temperature must be positive, got {s.temperature}"),
-        (s.inversion.steps >= 0, f"--ti-steps must be >= 0, got {s.inversion.steps}"),
-        (s.inversion.n_vectors >= 1, f"--vectors must be >= 1, got {s.inversion.n_vectors}"),
-        (s.inversion.val_size >= 1, f"inversion val_size must be >= 1, got {s.inversion.val_size}"),
-        (s.inversion.val_every >= 1, f"inversion val_every must be >= 1, got {s.inversion.val_every}"),
-        (s.inversion.timesteps in TIMESTEP_SAMPLING,
-         f"inversion timesteps must be one of {', '.join(TIMESTEP_SAMPLING)}, got {s.inversion.timesteps!r}"),
-        (s.patches.n_crops >= 1, f"--n-crops must be >= 1, got {s.patches.n_crops}"),
+        positive(s.resolution, "--resolution", 8),
+        positive(s.steps, "--steps"),
+        (s.guidance_scale is None or (math.isfinite(s.guidance_scale) and s.guidance_scale >= 1),
+         f"--guidance must be >= 1 (1 = no classifier-free guidance), got {s.guidance_scale}"),
         (s.prompt_template is None or s.prompt_template.count("{token}") == 1,
          f"--template must contain '{{token}}' exactly once, got {s.prompt_template!r}"),
+        (0 <= s.seed < 2**63, f"--seed must be in 0..2^63-1, got {s.seed}"),
+        positive(s.seed_candidates, "--seed-candidates"),
+        finite_positive(s.temperature, "--temperature"),
+        positive(s.fingerprint_size, "fingerprint_size"),
+        positive(inv.steps, "--ti-steps", 0),
+        finite_positive(inv.lr, "--ti-lr"),
+        positive(inv.batch, "--ti-batch"),
+        (1 <= inv.n_vectors <= 16, f"--vectors must be in 1..16, got {inv.n_vectors}"),
+        positive(inv.val_size, "inversion val_size"),
+        positive(inv.val_every, "inversion val_every"),
+        (inv.timesteps in TIMESTEP_SAMPLING,
+         f"inversion timesteps must be one of {', '.join(TIMESTEP_SAMPLING)}, got {inv.timesteps!r}"),
+        positive(pat.n_crops, "--n-crops"),
+        positive(pat.max_images, "--max-images"),
     ]
     for ok, message in checks:
         if not ok:
@@ -105,18 +140,11 @@ def check_settings(s: BuildSettings) -> None:
 
 
 def generator_info(s: BuildSettings, pipe, path: Path) -> GeneratorInfo:
-    """The archive's generator section for these settings and this model."""
+    """The archive's generator section for these (resolved) settings and this model."""
     from diffusers import DDIMScheduler
 
-    builtin = BUILTIN_MODELS.get(s.model)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    native = pipe.unet.config.sample_size * factor
-    if builtin is not None:
-        native = builtin.collage_resolution if s.grid > 1 else builtin.resolution
-        default_template = (builtin.collage_template if s.grid > 1 else builtin.photo_template).replace("{}", "{token}")
-    else:
-        default_template = "a photo of {token}"
-    side = s.resolution or native
+    side = s.resolution
     if side % s.grid or side % factor or side % s.fingerprint_size:
         raise D3MError(f"--resolution {side} must be divisible by --grid {s.grid}, the VAE factor {factor} "
                        f"and the fingerprint size {s.fingerprint_size}")
@@ -125,15 +153,20 @@ def generator_info(s: BuildSettings, pipe, path: Path) -> GeneratorInfo:
         model=ModelRef(s.model, s.revision, model_identity(path)),
         scheduler="DDIMScheduler",
         scheduler_config=json.loads(json.dumps(config)),
-        steps=s.steps or (builtin.steps if builtin else 50),
-        guidance_scale=s.guidance_scale if s.guidance_scale is not None else (builtin.guidance_scale if builtin else 7.5),
+        steps=s.steps,
+        guidance_scale=s.guidance_scale,
         height=side,
         width=side,
         latent_shape=(pipe.unet.config.in_channels, side // factor, side // factor),
-        prompt_template=s.prompt_template or default_template,
+        prompt_template=s.prompt_template,
         negative_prompt=s.negative_prompt,
         dtype=default_dtype(str(pipe.device)),
     )
+
+
+def native_resolution(pipe) -> int:
+    """The model's own image side: UNet sample size x VAE downsampling factor."""
+    return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
 def parse_shard(text: str, env=os.environ) -> tuple[int, int]:
@@ -166,53 +199,13 @@ def shard_device(env=os.environ) -> str:
     return default_device()
 
 
-class Workdir:
-    """Per-class checkpoints plus the settings they were made with."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        (self.path / "classes").mkdir(parents=True, exist_ok=True)
-
-    def bind(self, record: dict) -> None:
-        """Record the build's identity, or refuse one made with other settings."""
-        f = self.path / SETTINGS_FILE
-        if f.is_file():
-            old = json.loads(f.read_text())
-            if old != record:
-                raise D3MError(f"work directory {self.path} holds a build with other settings or data; "
-                               "use a new --workdir (or the same settings to resume)")
-        else:
-            write_atomic(f, json.dumps(record, indent=1, sort_keys=True).encode())
-
-    def record(self) -> dict:
-        f = self.path / SETTINGS_FILE
-        if not f.is_file():
-            raise D3MError(f"{self.path} is not a d3m-build work directory (no {SETTINGS_FILE})")
-        return json.loads(f.read_text())
-
-    def class_file(self, c: int) -> Path:
-        return self.path / "classes" / f"{c:06d}.safetensors"
-
-    def done(self, c: int) -> bool:
-        return self.class_file(c).is_file()
-
-    def save_class(self, c: int, tensors: dict, meta: dict) -> None:
-        data = safetensors.numpy.save(tensors, metadata={"meta": json.dumps(meta, sort_keys=True)})
-        write_atomic(self.class_file(c), data)
-
-    def load_class(self, c: int) -> tuple[dict, dict]:
-        data = self.class_file(c).read_bytes()
-        with safetensors.safe_open(self.class_file(c), "np") as f:
-            meta = json.loads(f.metadata()["meta"])
-        return safetensors.numpy.load(data), meta
-
-
 def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorInfo, s: BuildSettings,
                 device: str) -> tuple[dict, dict]:
     """Steps 1-6 for one class; returns (tensors, metadata) for its checkpoint."""
     g = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, c, 1]).integers(2**62)))
     val_g = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, c, 2]).integers(2**62)))
     patch_side = gen.height // s.grid
+    name = printable(info.name)  # for logs: a folder name may hold terminal escapes
     times = {}
     # 1-2. real images (loaded at twice the patch side, so crops keep detail) -> most informative patches
     t0 = time.perf_counter()
@@ -220,15 +213,17 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     keep = s.ipc * s.grid * s.grid
     patches, losses = select_patches(images, c, teacher, keep, patch_side, s.patches, g, device)
     if len(images) < keep:
-        log.warning("class %s: %d real images for %d patches; best crops are reused", info.name, len(images), keep)
+        log.warning("class %s: %d real images for %d patches; best crops are reused", name, len(images), keep)
     # 3. collages
     collages = make_collages(patches, s.grid)
+    with torch.no_grad():
+        real_agreement = float((teacher(patches.to(device)).argmax(1).cpu() == c).float().mean())
     times["select"] = time.perf_counter() - t0
     # 4. textual inversion
     t0 = time.perf_counter()
     vectors, curve, inversion = invert_class_token(pipe, collages, info.name, gen.prompt_template, gen.placeholder,
                                                    s.inversion, g, val_g,
-                                                   log=lambda m: log.info("class %s: %s", info.name, m))
+                                                   log=lambda m: log.info("class %s: %s", name, m))
     times["invert"] = time.perf_counter() - t0
     # 5-6. seeds, regeneration through d3mfmt, soft labels, fingerprints
     t0 = time.perf_counter()
@@ -240,36 +235,62 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     probs, prints, _ = render_and_label(regen, 0, seeds, teacher, s.grid, s.temperature, s.fingerprint_size, device)
     times["label"] = time.perf_counter() - t0
     accuracy = float((probs.argmax(axis=1) == c).mean())
-    log.info("class %s: patch loss %.3f, teacher agrees on %.0f%% of regenerated patches",
-             info.name, float(losses.mean()), 100 * accuracy)
+    log.info("class %s: patch loss %.3f, teacher agrees on %.0f%% of regenerated patches (%.0f%% of real ones)",
+             name, float(losses.mean()), 100 * accuracy, 100 * real_agreement)
     tensors = {
         "embedding": vectors,
         "seeds": np.asarray(seeds, dtype=np.int64),
         "probs": probs.astype(np.float32),
         "fingerprints": prints,
     }
-    return tensors, {"accuracy": accuracy, "ti_loss": curve, "inversion": inversion, "seconds": times,
-                     "patch_loss": float(losses.mean())}
+    meta = {"accuracy": accuracy, "real_agreement": real_agreement, "ti_loss": curve, "inversion": inversion,
+            "seconds": times, "patch_loss": float(losses.mean())}
+    return tensors, meta
 
 
 def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, int] = (0, 1),
-          device: str | None = None, progress: bool = True) -> Workdir:
-    """Build this shard's classes into ``workdir`` (skipping finished ones)."""
+          device: str | None = None, progress: bool = True, out: Path | None = None, check_order: bool = True,
+          order_suggestion: Path | None = None, min_agreement: float | None = None) -> Workdir:
+    """Build this shard's classes into ``workdir`` (skipping finished ones).
+
+    Args:
+        source: an ImageFolderSource or MnistSource.
+        settings: the build's settings; ``None`` fields take the model's defaults.
+        workdir: per-class checkpoints (resume by running again with the same settings).
+        shard: ``(i, n)``: build the classes ``c`` with ``c % n == i``.
+        out: the archive the build will be written to, if known: checked for writability now,
+            so a bad ``-o`` fails before any class is built.
+        check_order: stop if the teacher's logits are in another class order than the data (see guards.py).
+        order_suggestion: where the class-order check writes the class list that fixes the order.
+        min_agreement: stop when a class's teacher agreement on regenerated patches is below this.
+    """
     from tqdm.auto import tqdm
 
+    # 1. check every value, then the inputs (data, model, teacher), before any work
     check_settings(settings)
+    check_min_agreement(min_agreement)
     device = device or shard_device()
-    # 1. check inputs: data, model, teacher, before any work
+    check_device(device)
+    if out is not None:
+        check_output_path(out)
     source.check(settings.patches.max_images)
     classes = source.classes
     path = resolve_model(settings.model, settings.revision)
     identity = model_identity(path)
     pipe = shared_pipeline(path, identity, device, default_dtype(device))
+    settings = resolve_settings(settings, native_resolution(pipe))
     gen = generator_info(settings, pipe, path)
     teacher, teacher_name = resolve_teacher(settings.teacher)
     teacher = teacher.to(device)
-    check_teacher_width(teacher, len(classes), gen.height // settings.grid, device)
-    # 2. bind the work directory to exactly this build; check the archive it will make is writable
+    patch_side = gen.height // settings.grid
+    check_teacher_width(teacher, len(classes), patch_side, device)
+    # 2. the teacher's logits must be in the data's class order (every shard checks all classes alike)
+    if check_order:
+        order = check_class_order(teacher_confusion(source, teacher, patch_side, device), classes, order_suggestion)
+        for c in np.flatnonzero(order.agreement < LOW_AGREEMENT_FLOOR):
+            log.warning("class %s: the teacher takes only %.0f%% of its real images for this class; is the teacher "
+                        "trained on this data, in this class order?", printable(classes[c].name), 100 * order.agreement[c])
+    # 3. bind the work directory to exactly this build; check the archive it will make is valid
     record = {
         "settings": settings.to_json(),
         "classes": [asdict(c) for c in classes],
@@ -281,7 +302,7 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
     Manifest.from_json(archive_manifest(record, LabelEncoding(), "preflight", settings.inversion.n_vectors, dim).to_json())
     wd = Workdir(workdir)
     wd.bind(record)
-    # 3. this shard's unfinished classes
+    # 4. this shard's unfinished classes; the domain guard speaks after each
     mine = [c for c in range(len(classes)) if c % shard[1] == shard[0]]
     todo = [c for c in mine if not wd.done(c)]
     if len(todo) < len(mine):
@@ -289,7 +310,18 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
     for c in tqdm(todo, desc="classes", unit="class", disable=not progress):
         tensors, meta = build_class(c, classes[c], source, teacher, pipe, gen, settings, device)
         wd.save_class(c, tensors, meta)
+        if domain_problems([meta["real_agreement"]], [meta["accuracy"]]):
+            log.warning(printable(domain_message(classes[c].name, meta["real_agreement"], meta["accuracy"])))
+        if min_agreement is not None and meta["accuracy"] < min_agreement:
+            raise D3MError(f"{domain_message(classes[c].name, meta['real_agreement'], meta['accuracy'])}. "
+                           f"Stopped: below --min-agreement {min_agreement:g}; no archive was written "
+                           f"(finished classes stay in {wd.path})")
     return wd
+
+
+def check_min_agreement(value: float | None) -> None:
+    if value is not None and not 0 <= value <= 1:
+        raise D3MError(f"--min-agreement must be a fraction in 0..1 (e.g. 0.5), got {value}")
 
 
 def fit_labels(labels: LabelEncoding, num_classes: int, temperature: float) -> LabelEncoding:
@@ -318,9 +350,15 @@ def archive_manifest(record: dict, labels: LabelEncoding, name: str, n_vectors: 
 
 
 def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: str,
-                  teacher_accuracy: float | None = None) -> d3mfmt.Archive:
-    """Join finished class checkpoints (from one or several shards) into ``out``."""
-    wds = [Workdir(p) for p in workdirs]
+                  teacher_accuracy: float | None = None, min_agreement: float | None = None) -> d3mfmt.Archive:
+    """Join finished class checkpoints (from one or several shards) into ``out``.
+
+    Raises D3MError (and writes nothing) if a class is missing, or if ``min_agreement``
+    is given and a class's teacher agreement on regenerated patches is below it.
+    """
+    check_min_agreement(min_agreement)
+    check_output_path(out)
+    wds = [Workdir(p, create=False) for p in workdirs]
     record = wds[0].record()
     for wd in wds[1:]:
         if wd.record() != record:
@@ -336,13 +374,24 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
         raise D3MError(f"classes {missing[:10]}{'...' if len(missing) > 10 else ''} are not built yet; "
                        "run (or finish) the shards that own them, then merge again")
     parts = [found[c].load_class(c) for c in range(num_classes)]
+    metas = [m for _, m in parts]
+    if min_agreement is not None:
+        below = [c for c, m in enumerate(metas) if m["accuracy"] < min_agreement]
+        if below:
+            names = ", ".join(f"{record['classes'][c]['name']!r} {100 * metas[c]['accuracy']:.0f}%" for c in below[:10])
+            raise D3MError(f"teacher agreement on regenerated patches is below --min-agreement {min_agreement:g} for "
+                           f"{len(below)} classes ({printable(names)}); the model does not render them the way the "
+                           "teacher sees them. No archive was written; use a model that covers this data")
+    widths = {t["embedding"].shape for t, _ in parts}
+    if len(widths) > 1:
+        raise D3MError(f"class checkpoints hold embeddings of shapes {sorted(widths)}; they come from different "
+                       f"models: {REBUILD_CLASS}")
     emb = np.stack([t["embedding"] for t, _ in parts])
-    agreement = round(float(np.mean([m["accuracy"] for _, m in parts])), 6)
-    # per class: validation loss of the initialising word and of the vector kept
-    inversion = {info["id"]: {k: round(m["inversion"][k], 6) for k in ("val_loss_init", "val_loss_best", "best_step")}
-                 for info, (_, m) in zip(record["classes"], parts)}
-    manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
-                                {"regenerated_patch_agreement": agreement, "inversion": inversion})
+    try:
+        manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
+                                    agreement_info(record["classes"], metas))
+    except (KeyError, TypeError) as exc:  # a hand-edited record: the manifest's own checks raise D3MError
+        raise D3MError(f"{wds[0].path / SETTINGS_FILE} is damaged ({exc!r}); build again into a new --workdir") from None
     archive = d3mfmt.Archive(
         manifest,
         embeddings=emb.astype(np.float16),
@@ -352,3 +401,21 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
     )
     d3mfmt.save_file(archive, out)
     return archive
+
+
+def agreement_info(classes: list[dict], metas: list[dict]) -> dict:
+    """Build info: the teacher's top-1 agreement with each class on real and on regenerated patches."""
+    per_class = {}
+    for c, m in zip(classes, metas):
+        entry = {"regenerated": round(float(m["accuracy"]), 4)}
+        if m.get("real_agreement") is not None:  # absent in checkpoints of older builds
+            entry["real"] = round(float(m["real_agreement"]), 4)
+        per_class[c["id"]] = entry
+    # per class: textual inversion's validation loss for the initialising word and for the vector kept
+    inversion = {c["id"]: {k: round(m["inversion"][k], 6) for k in ("val_loss_init", "val_loss_best", "best_step")}
+                 for c, m in zip(classes, metas) if "inversion" in m}  # absent in checkpoints of older builds
+    return {
+        "regenerated_patch_agreement": round(float(np.mean([m["accuracy"] for m in metas])), 6),
+        "agreement": per_class,
+        **({"inversion": inversion} if inversion else {}),
+    }

@@ -34,9 +34,9 @@ from d3mfmt.generator import placeholder_prompt
 
 @dataclass(frozen=True)
 class InversionSettings:
-    steps: int = 100  # demo default, measured in README ("Benchmark"); real SD models need ~1000
-    lr: float = 5e-4  # measured: 5e-3 moves the 64-wide tiny embedding (coords ~0.02) far off; see README
-    batch: int = 16
+    steps: int | None = None  # None: the model's default (builder/defaults.py)
+    lr: float | None = None
+    batch: int | None = None
     n_vectors: int = 1
     weight_decay: float = 0.0
     generic_word: str = "object"  # initialiser when the tokenizer does not know the class name

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from d3mfmt import ClassInfo, D3MError, SourceInfo
-from d3mfmt.mnist import MNIST_CLASS_NAMES, load_mnist
+from d3mfmt.mnist import MNIST_CLASS_NAMES, load_mnist, to_rgb32
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -64,8 +64,7 @@ class MnistSource:
 
     def images(self, c: int, side: int, limit: int | None = None) -> torch.Tensor:
         images, labels = load_mnist(self.split)
-        x = torch.from_numpy(images[labels == c][:limit]).float().div_(255)
-        x = torch.nn.functional.pad(x, (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1)
+        x = to_rgb32(images[labels == c][:limit])
         if side != 32:
             x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         return x.contiguous()

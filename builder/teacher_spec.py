@@ -25,13 +25,29 @@ def resolve_teacher(spec: str) -> tuple[torch.nn.Module, str]:
         raise D3MError(f"unknown teacher {spec!r}; use a built-in ({sorted(TEACHERS)}) or 'module:function'")
     module_name, func_name = spec.split(":", 1)
     try:
-        factory = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
         raise D3MError(f"--teacher {spec!r}: cannot import ({exc}); is the module on PYTHONPATH?") from None
-    model = factory()
+    except Exception as exc:  # a syntax error or a failure while the user's module runs
+        raise D3MError(f"--teacher {spec!r}: importing {module_name!r} failed: {_describe(exc)}; "
+                       "fix the module (run `python -c 'import " + module_name + "'` to see where)") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise D3MError(f"--teacher {spec!r}: module {module_name!r} has no function {func_name!r}")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise D3MError(f"--teacher {spec!r}: the factory raised {_describe(exc)}; "
+                       "it must take no arguments and return a torch.nn.Module") from None
     if not isinstance(model, torch.nn.Module):
         raise D3MError(f"--teacher {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model.eval().requires_grad_(False), spec
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeName: message`` on one line, for an error from user code."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def teacher_identity(model: torch.nn.Module) -> str:
@@ -47,7 +63,17 @@ def teacher_identity(model: torch.nn.Module) -> str:
 @torch.no_grad()
 def check_teacher_width(model: torch.nn.Module, num_classes: int, side: int, device: str) -> None:
     """Refuse a teacher whose logits do not have one entry per archive class."""
-    out = model(torch.zeros(1, 3, side, side, device=device))
+    try:
+        out = model(torch.zeros(1, 3, side, side, device=device))
+    except Exception as exc:
+        raise D3MError(
+            f"the teacher fails on a batch of shape (1, 3, {side}, {side}): {_describe(exc)}; it must take RGB "
+            "images in [0, 1], NCHW (convert inside the module if it expects other input)"
+        ) from None
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a {out.dtype} tensor"
+        raise D3MError(f"the teacher returns {got}, expected one float tensor of logits "
+                       "[batch, classes]; wrap it in a module that returns only the logits")
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise D3MError(
             f"the teacher returns logits of shape {tuple(out.shape)}, but the data has {num_classes} classes; "

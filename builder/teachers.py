@@ -128,3 +128,13 @@ def load_teacher(name: str) -> nn.Module:
     model.load_state_dict(state)
     model.eval().requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def mnist_test_accuracy(model: nn.Module) -> float:
+    """Top-1 accuracy of a 10-class digit teacher on the held-out built-in MNIST split."""
+    from d3mfmt.mnist import load_mnist, to_rgb32
+
+    x, y = load_mnist("test")
+    pred = model(to_rgb32(x)).argmax(1).numpy()
+    return round(float((pred == y).mean()), 4)

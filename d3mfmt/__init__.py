@@ -23,6 +23,7 @@ from .manifest import (
     SourceInfo,
     TeacherInfo,
 )
+from .sources import resolve_archive
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "encode_labels",
     "load",
     "load_file",
+    "resolve_archive",
     "save",
     "save_file",
 ]

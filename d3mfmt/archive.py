@@ -22,9 +22,11 @@ import safetensors
 import safetensors.numpy
 
 from . import container
-from .errors import D3MFormatError
-from .labels import LabelTable, compress, decompress
+from .errors import D3MError, D3MFormatError
+from .labels import MAX_LABEL_TABLE, LabelTable, check_rows, compress, decompress
+from .jsonfields import check_tree, loads
 from .manifest import Manifest, MemberInfo
+from .sources import resolve_archive
 
 CONTENT_HASH_DOMAIN = b"d3m-content-v1\n"
 MAX_SAFETENSORS_HEADER = 100 << 20
@@ -55,8 +57,11 @@ class Archive:
         return content_hash(self.manifest)
 
     def soft_label(self, c: int, i: int, j: int) -> np.ndarray:
-        """Dense float32 soft label of patch ``j`` of image ``i`` of class ``c``."""
+        """Dense float32 soft label of patch ``j`` of image ``i`` of class ``c``; D3MError outside the archive."""
         ds = self.manifest.dataset
+        for name, value, size in (("c", c, ds.num_classes), ("i", i, ds.ipc), ("j", j, ds.patches_per_image)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < size:
+                raise D3MError(f"soft_label: {name} must be an integer in 0..{size - 1}, got {value!r}")
         row = (c * ds.ipc + i) * ds.patches_per_image + j
         return self.labels.dense(slice(row, row + 1))[0]
 
@@ -66,6 +71,7 @@ def content_hash(manifest: Manifest) -> str:
     doc = manifest.to_dict()
     core = {key: doc[key] for key in ("dataset", "generator", "embeddings", "labels", "fingerprints")}
     core["members"] = {name: doc["members"][name] for name in container.PAYLOAD_MEMBERS if name in doc["members"]}
+    check_tree(core)  # an in-memory manifest may hold what JSON cannot (an unpaired surrogate, inf)
     blob = json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(CONTENT_HASH_DOMAIN + blob).hexdigest()
 
@@ -98,6 +104,7 @@ def check_archive(archive: Archive) -> None:
             f"label table ({t.encoding}, {t.rows} rows x {t.num_classes} classes) does not match the manifest "
             f"({m.labels}, {m.dataset.num_patches} rows x {m.dataset.num_classes} classes)"
         )
+    check_rows(t, where="labels")  # the reader's per-row rules, for tables not made by encode_labels
 
 
 def save(archive: Archive) -> bytes:
@@ -130,25 +137,43 @@ def save_file(archive: Archive, path: str | os.PathLike) -> None:
 # -- reading ------------------------------------------------------------------
 
 
-def load(data: bytes) -> Archive:
-    """Parse and fully validate .d3m bytes; raise D3MFormatError naming the problem."""
-    return load_members(container.read_zip(data))
+def load(data: bytes, *, max_label_bytes: int = MAX_LABEL_TABLE) -> Archive:
+    """Parse and fully validate .d3m bytes; raise D3MFormatError naming the problem.
+
+    ``max_label_bytes`` caps the decoded label table (SPEC.md "Limits"); raise
+    it, up to the format's 2 GiB, to read a genuinely huge trusted archive.
+    """
+    return load_members(container.read_zip(data), max_label_bytes=max_label_bytes)
 
 
-def load_members(members: dict[str, bytes]) -> Archive:
+def load_members(members: dict[str, bytes], *, max_label_bytes: int = MAX_LABEL_TABLE) -> Archive:
     """Validate and decode the members ``container.read_zip`` returned."""
     manifest = Manifest.from_json(members[container.MANIFEST])
     for name in container.PAYLOAD_MEMBERS:
         check_member(manifest, name, members[name])
     tensors = parse_tensors(manifest, members[container.TENSORS])
     ds = manifest.dataset
-    labels = decompress(members[container.LABELS], manifest.labels, ds.num_patches, ds.num_classes)
+    labels = decompress(members[container.LABELS], manifest.labels, ds.num_patches, ds.num_classes, max_bytes=max_label_bytes)
     return Archive(manifest, tensors["embeddings"], tensors["seeds"], labels, tensors.get("fingerprints"))
 
 
-def load_file(path: str | os.PathLike) -> Archive:
-    """Read ``path`` once (no handle stays open) and ``load`` it."""
-    return load(container.read_bytes(path))
+def load_file(
+    path: str | os.PathLike,
+    *,
+    allow_download: bool = False,
+    sha256: str | None = None,
+    allow_unpinned: bool = False,
+    max_label_bytes: int = MAX_LABEL_TABLE,
+) -> Archive:
+    """Read ``path`` once (no handle stays open) and ``load`` it.
+
+    ``path`` may also be an ``hf://datasets/ORG/NAME[@REV]/FILE.d3m`` id or a URL
+    pinned by ``#sha256=<hex>``; :func:`d3mfmt.sources.resolve_archive` turns it
+    into a local file first (offline unless ``allow_download=True``).
+    ``max_label_bytes`` caps the decoded label table (raise it for genuinely huge archives).
+    """
+    local = resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned)
+    return load(container.read_bytes(local), max_label_bytes=max_label_bytes)
 
 
 def check_member(manifest: Manifest, name: str, data: bytes) -> None:
@@ -188,10 +213,11 @@ def parse_tensors(manifest: Manifest, data: bytes) -> dict[str, np.ndarray]:
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
         raise D3MFormatError(f"{where}: header length {header_len} exceeds the member's {len(data) - 8} bytes")
-    try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int-size limits
-        raise D3MFormatError(f"{where}: header is not valid JSON ({exc})") from None
+    try:  # duplicate keys refused: another reader could take the other one
+        header = loads(data[8 : 8 + header_len], where=f"{where}: header")
+        check_tree(header, where=f"{where}: header")
+    except D3MFormatError as exc:
+        raise D3MFormatError(f"{where}: header is not valid JSON ({exc})"[:500]) from None
     if not isinstance(header, dict):
         raise D3MFormatError(f"{where}: header must be a JSON object")
     header.pop("__metadata__", None)
@@ -208,6 +234,9 @@ def parse_tensors(manifest: Manifest, data: bytes) -> dict[str, np.ndarray]:
         tensors = safetensors.numpy.load(bytes(data))
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
         raise D3MFormatError(f"{where}: invalid safetensors data ({exc})") from None
+    for name, (dtype, shape) in specs.items():  # what was loaded is what the header said
+        if tensors[name].dtype != np.dtype(dtype) or tensors[name].shape != shape:
+            raise D3MFormatError(f"{where}: tensor {name!r} loaded as {tensors[name].dtype} {tensors[name].shape}")
     _check_tensor_values(tensors["embeddings"], tensors["seeds"])
     return tensors
 

@@ -14,8 +14,9 @@ import click
 
 from . import container
 from .archive import load_members
-from .errors import D3MError
+from .errors import D3MError, D3MFormatError
 from .summary import check, render_text, summarize
+from .terminal import printable
 
 
 # transformers announces at import that torchvision is absent; a CLI user does not need that
@@ -23,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"d3m-inspect: {message}", err=True)
+    click.echo(f"d3m-inspect: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -40,7 +41,7 @@ def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[i
         elif part in names:
             out.append(names.index(part))
         else:
-            raise D3MError(f"--classes: {part!r} is not a class index (0..{len(names) - 1}), id or name of this archive")
+            raise D3MError(f"--select: {part!r} is not a class index (0..{len(names) - 1}), id or name of this archive")
     return out
 
 
@@ -49,10 +50,10 @@ def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[i
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--check", "check_only", is_flag=True, help="Validate everything; exit 0 if valid, 1 otherwise.")
 @click.option("--verify", is_flag=True, help="Regenerate a sample and compare fingerprints; exit 1 beyond the tolerance.")
-@click.option("--n", "n_verify", type=int, default=8, show_default=True, help="Images --verify regenerates.")
+@click.option("--verify-images", "n_verify", type=int, default=8, show_default=True, help="Images --verify regenerates.")
 @click.option("--tolerance", type=int, default=None, help="--verify tolerance in 8-bit levels [default: 8].")
 @click.option("--preview", type=click.Path(dir_okay=False), help="Write a PNG grid of regenerated images, a row per class.")
-@click.option("--classes", help="Classes for --preview: comma-separated indices, ids or names.")
+@click.option("--select", "classes", help="Classes --preview draws: comma-separated indices, ids or names [default: all].")
 @click.option("--per-class", type=int, default=8, show_default=True, help="Images per class in --preview.")
 @click.option("--export-images", type=click.Path(file_okay=False), help="Write PNGs in an ImageFolder layout.")
 @click.option("--unit", type=click.Choice(["patch", "image"]), default="patch", show_default=True,
@@ -64,51 +65,80 @@ def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[i
 @click.option("--model", help="Model id or folder to render with instead of the archive's.")
 @click.option("--allow-model-mismatch", is_flag=True, help="Render even if the model differs from the pinned one.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Pixel cache folder.")
+@click.option("--allow-download", is_flag=True,
+              help="Fetch an hf:// or URL archive, or a hub model, missing from the local caches.")
+@click.option("--sha256", help="Expected sha256 of the archive file (for a URL: instead of #sha256=...).")
+@click.option("--allow-unpinned", is_flag=True, help="Accept a URL without a sha256 (fetched every time, unverified).")
+@click.option("--card", type=click.Path(file_okay=False),
+              help="Write a dataset-card folder (archive, preview.png, README.md) ready for huggingface-cli upload.")
+@click.option("--repo-id", help="ORG/NAME the --card folder will be uploaded to (used in its loading snippet).")
 def inspect_main(path, as_json, check_only, verify, n_verify, tolerance, preview, classes, per_class,
-                 export_images, unit, export_embeddings, device, dtype, model, allow_model_mismatch, cache_dir) -> None:
-    """Summarise the .d3m archive PATH (and check, verify, preview or export it)."""
+                 export_images, unit, export_embeddings, device, dtype, model, allow_model_mismatch, cache_dir,
+                 allow_download, sha256, allow_unpinned, card, repo_id) -> None:
+    """Summarise the .d3m archive PATH (and check, verify, preview or export it).
+
+    PATH may also be hf://datasets/ORG/NAME[@REVISION]/FILE.d3m or an https:// URL
+    pinned by #sha256=<hex>; both are read from the local caches unless --allow-download.
+    """
     try:
-        data = container.read_bytes(path)
+        if repo_id and not card:
+            raise D3MError("--repo-id names where a --card folder goes; pass --card DIR too")
+        from .sources import resolve_archive
+
+        local = str(resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned))
+        data = container.read_bytes(local)
         if check_only:
             problems = check(data)
             for problem in problems:
-                click.echo(f"{path}: {problem}", err=True)
+                click.echo(printable(f"{path}: {problem}"), err=True)
             if problems:
                 sys.exit(1)
-            click.echo(f"{path}: valid")
+            click.echo(printable(f"{path}: valid"))
             return
         members = container.read_zip(data)
         archive = load_members(members)
-        if not (verify or preview or export_images or export_embeddings):
+        if not (verify or preview or export_images or export_embeddings or card):
             summary = summarize(archive, {name: len(b) for name, b in members.items()}, len(data))
             click.echo(json.dumps(summary, indent=1) if as_json else render_text(summary))
             return
-        render = dict(model=model, device=device, dtype=dtype, allow_model_mismatch=allow_model_mismatch)
+        if device is not None and (verify or preview or export_images or card):
+            from .generator import check_device
+
+            check_device(device)  # before any model loads or output folder appears
+        render = dict(model=model, device=device, dtype=dtype, allow_model_mismatch=allow_model_mismatch,
+                      allow_download=allow_download)
         ok = True
         if export_embeddings:
             from .export import export_embeddings as write_embeddings
 
             files = write_embeddings(archive, export_embeddings)
-            click.echo(f"wrote {len(files)} textual-inversion files to {export_embeddings}")
+            click.echo(printable(f"wrote {len(files)} textual-inversion files to {export_embeddings}"))
         if verify:
             ok = _verify(archive, n_verify, tolerance, render)
-        if preview or export_images:
+        if preview or export_images or card:
             from .dataset import D3MDataset
 
-            ds = D3MDataset(path, unit=unit, cache_dir=cache_dir, **render)
+            ds = D3MDataset(local, unit=unit, cache_dir=cache_dir, **render)
             if preview:
-                from .export import preview_grid
+                from .export import preview_grid, write_png
 
                 names, ids = ds.classes, [c.id for c in archive.manifest.dataset.classes]
-                preview_grid(ds, _parse_classes(classes, names, ids), per_class).save(preview)
-                click.echo(f"wrote {preview}")
+                write_png(preview_grid(ds, _parse_classes(classes, names, ids), per_class), preview)
+                click.echo(printable(f"wrote {preview}"))
             if export_images:
                 from .export import export_images as write_images
 
                 count = write_images(ds, export_images)
-                click.echo(f"wrote {count} PNGs to {export_images}")
+                click.echo(printable(f"wrote {count} PNGs to {export_images}"))
+            if card:
+                from .card import write_card
+
+                write_card(ds, card, repo_id=repo_id, per_class=per_class)
+                click.echo(printable(f"wrote a dataset card to {card}"))
         if not ok:
             sys.exit(1)
+    except D3MFormatError as exc:  # a problem of this file: name it, as --check's lines do
+        _fail(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
     except D3MError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -119,9 +149,10 @@ def _verify(archive, n: int, tolerance: int | None, render: dict) -> bool:
     from .generator import Regenerator
     from .verify import DEFAULT_TOLERANCE, check_verify, verify
 
-    check_verify(archive, n)
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    check_verify(archive, n, tolerance)
     regen = Regenerator(archive.manifest.generator, archive.embeddings, **render)
-    report = verify(archive, regen, n, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    report = verify(archive, regen, n, tolerance)
     for line in report.lines([c.name for c in archive.manifest.dataset.classes]):
         click.echo(line)
     return report.ok

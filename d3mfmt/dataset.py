@@ -16,7 +16,11 @@ row ``k`` of the archive, ``(c * ipc + i) * grid**2 + j``.
 Rendered images go to an on-disk cache (one ``.npy`` of uint8 per image,
 written atomically, so DataLoader workers can share it) under a key made of the
 archive's content hash and every setting that changes pixels; the second
-epoch only reads.
+epoch only reads. Each cache file is the ``.npy`` bytes followed by their
+sha256, and a read accepts only the exact header this image needs and a
+matching digest: a torn, corrupted, zeroed or foreign file is rendered again,
+and a header declaring a huge shape is never allocated. A cache folder that
+cannot be written keeps images in memory instead, with one warning.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import hashlib
 import io
 import json
 import os
+import stat
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,27 +40,42 @@ import torch
 from .archive import Archive, load_file
 from .container import write_atomic
 from .errors import D3MError
-from .generator import Regenerator, default_device, default_dtype, resolve_render_settings, split_patches
+from .generator import (
+    Regenerator,
+    check_device,
+    default_device,
+    default_dtype,
+    resolve_render_settings,
+    split_patches,
+)
 from .models import identity_cache_dir
+from .sources import resolve_archive
 
 UNITS = ("patch", "image")
 DEFAULT_RENDER_BATCH = 16
 _MEMORY_IMAGES = 256  # decoded images kept per process
+_DIGEST = 32  # sha256 of the .npy bytes, appended to every cache file
 
 
 class D3MDataset(torch.utils.data.Dataset):
     """Patches (or whole collages) of a .d3m archive, with their soft labels.
 
     Args:
-        path: the .d3m file.
+        path: the .d3m file, an ``hf://datasets/ORG/NAME[@REV]/FILE.d3m`` id or a
+            URL pinned by ``#sha256=<hex>`` (see :func:`d3mfmt.resolve_archive`).
         unit: ``"patch"`` (default) or ``"image"``.
         transform: applied to each image tensor.
+        target_transform: applied to each soft label (``[C]``, or ``[grid**2, C]`` with ``unit="image"``),
+            e.g. sharpening with a temperature or ``lambda p: p.argmax()`` for hard labels.
         cache_dir: where rendered images are kept (default ``$D3MFMT_CACHE_DIR``
             or ``~/.cache/d3mfmt``, subfolder ``images``).
         model: model id or directory overriding the archive's (see Regenerator).
         device, dtype: rendering device and dtype (CUDA+fp16 when available, else CPU+fp32).
         render_batch: images per generation call.
         allow_model_mismatch: render even if the model differs from the pinned one.
+        allow_download: fetch an archive (hub id or URL) or a hub model missing
+            from the local caches; off by default.
+        sha256: expected sha256 of the archive file (instead of a URL fragment).
     """
 
     def __init__(
@@ -63,21 +84,26 @@ class D3MDataset(torch.utils.data.Dataset):
         *,
         unit: str = "patch",
         transform=None,
+        target_transform=None,
         cache_dir: str | os.PathLike | None = None,
         model: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
         render_batch: int = DEFAULT_RENDER_BATCH,
         allow_model_mismatch: bool = False,
+        allow_download: bool = False,
+        sha256: str | None = None,
     ):
         if unit not in UNITS:
             raise D3MError(f"unit must be one of {list(UNITS)}, got {unit!r}")
         if not isinstance(render_batch, int) or render_batch < 1:
             raise D3MError(f"render_batch must be a positive integer, got {render_batch!r}")
-        self.path = Path(path)
+        self.path = resolve_archive(path, allow_download=allow_download, sha256=sha256)
         self.unit, self.transform, self.render_batch = unit, transform, render_batch
-        self.model, self.allow_model_mismatch = model, allow_model_mismatch
+        self.target_transform = target_transform
+        self.model, self.allow_model_mismatch, self.allow_download = model, allow_model_mismatch, allow_download
         self.device = device or default_device()
+        check_device(self.device)
         self.dtype = dtype or default_dtype(self.device)
         self.cache_root = Path(cache_dir) if cache_dir is not None else identity_cache_dir() / "images"
         self._archive: Archive | None = load_file(self.path)
@@ -87,6 +113,7 @@ class D3MDataset(torch.utils.data.Dataset):
         self._regen: Regenerator | None = None
         self._cache_key: str | None = None
         self._memory: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._cache_writable = True  # False after a failed write: memory only, warned once
 
     # -- pickling: no pipeline, no arrays; workers reload the small archive ---
 
@@ -113,6 +140,7 @@ class D3MDataset(torch.utils.data.Dataset):
                 device=self.device,
                 dtype=self.dtype,
                 allow_model_mismatch=self.allow_model_mismatch,
+                allow_download=self.allow_download,
             )
         return self._regen
 
@@ -122,7 +150,7 @@ class D3MDataset(torch.utils.data.Dataset):
         if self._cache_key is None:
             _, settings = resolve_render_settings(
                 self.archive.manifest.generator, model=self.model, device=self.device, dtype=self.dtype,
-                allow_model_mismatch=self.allow_model_mismatch,
+                allow_model_mismatch=self.allow_model_mismatch, allow_download=self.allow_download,
             )
             parts = {"content_hash": self.archive.content_hash, **settings.key_parts()}
             self._cache_key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -154,6 +182,8 @@ class D3MDataset(torch.utils.data.Dataset):
                 label = torch.from_numpy(self.archive.labels.dense(slice(k * g2, (k + 1) * g2)))
             if self.transform is not None:
                 x = self.transform(x)
+            if self.target_transform is not None:
+                label = self.target_transform(label)
             items.append((x, label, image_idx // self.ipc))
         return items
 
@@ -207,25 +237,52 @@ class D3MDataset(torch.utils.data.Dataset):
         c, i = divmod(idx, self.ipc)
         return self.cache_dir / f"{c:06d}_{i:05d}.npy"
 
+    def _npy_header(self) -> bytes:
+        """The exact .npy v1.0 header of one cached image (uint8 ``[3, H, W]``, C order)."""
+        gen = self.archive.manifest.generator
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                                   "shape": (3, gen.height, gen.width)})
+        return buf.getvalue()
+
     def _read_cached(self, idx: int) -> torch.Tensor | None:
-        path = self._cache_path(idx)
-        try:
-            pixels = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return None  # a torn or foreign file: render again (and overwrite it)
-        h, w = self.archive.manifest.generator.height, self.archive.manifest.generator.width
-        if pixels.dtype != np.uint8 or pixels.shape != (3, h, w):
-            return None
-        return torch.from_numpy(pixels).float().div_(255.0)
+        """The cached image, or None when absent or not exactly what ``_write_cached`` wrote."""
+        header = self._npy_header()
+        gen = self.archive.manifest.generator
+        size = len(header) + 3 * gen.height * gen.width + _DIGEST
+        try:  # O_NONBLOCK: a FIFO planted in the cache must not hang the read
+            fd = os.open(self._cache_path(idx), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return None  # absent or unreadable: render (a write failure is reported there)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            blob = bytearray(size + 1)  # bounded by the expected size, whatever the header claims
+            got = f.readinto(blob)
+        body = memoryview(blob)[: size - _DIGEST]
+        if got != size or body[: len(header)] != header or hashlib.sha256(body).digest() != blob[-_DIGEST - 1 : -1]:
+            return None  # torn, corrupted, zeroed or foreign: render again (and overwrite it)
+        pixels = np.frombuffer(blob, dtype=np.uint8, count=3 * gen.height * gen.width, offset=len(header))
+        return torch.from_numpy(pixels.reshape(3, gen.height, gen.width)).float().div_(255.0)
 
     def _write_cached(self, idx: int, x: torch.Tensor) -> None:
+        """Write one image's cache file atomically; on an unwritable cache, warn once and keep memory only."""
+        if not self._cache_writable:
+            return
         path = self._cache_path(idx)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.save(buf, torch.round(x * 255.0).to(torch.uint8).numpy(), allow_pickle=False)
-        write_atomic(path, buf.getvalue(), durable=False)  # a lost cache file is only rendered again
+        body = self._npy_header() + torch.round(x * 255.0).to(torch.uint8).numpy().tobytes()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, body + hashlib.sha256(body).digest(), durable=False)  # a lost file is rendered again
+        except OSError as exc:
+            self._cache_writable = False
+            warnings.warn(
+                f"the pixel cache {self.cache_dir} cannot be written ({exc.strerror or exc}); images are kept "
+                f"in memory only (the last {_MEMORY_IMAGES}) and rendered again after that. Pass a writable "
+                "cache_dir (d3m-inspect: --cache-dir) or set D3MFMT_CACHE_DIR",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _remember(self, idx: int, x: torch.Tensor) -> torch.Tensor:
         key = divmod(idx, self.ipc)

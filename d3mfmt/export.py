@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .archive import Archive
+from .container import write_atomic
 from .errors import D3MError
 
 TOKEN_FORMAT = "<d3m-{}>"  # the placeholder token an exported embedding is loaded under
@@ -20,12 +26,32 @@ def class_folder(index: int, name: str) -> str:
     return f"{index:04d}_{safe[:64]}"
 
 
-def _prepare_dir(path: Path) -> Path:
-    path = Path(path)
+@contextlib.contextmanager
+def _output_dir(path):
+    """A temporary folder beside ``path`` that becomes ``path`` only when the body succeeds.
+
+    ``path`` must not exist or be an empty folder; missing parents are created.
+    After a failure nothing this function made is left (an empty folder the
+    user made stays as it was).
+    """
+    path = Path(path).absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise D3MError(f"{path} exists and is not an empty folder; pick a new output folder")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    top = path.parent  # the outermost parent this call creates, removed again on failure
+    while not top.parent.exists():
+        top = top.parent
+    created = not top.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    done = False
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        os.replace(tmp, path)  # also replaces an empty folder at path
+        done = True
+    finally:
+        if not done:
+            shutil.rmtree(top if created else tmp, ignore_errors=True)
 
 
 def _to_pil(image) -> Image.Image:
@@ -41,14 +67,14 @@ def export_embeddings(archive: Archive, out_dir) -> list[Path]:
     """
     import safetensors.numpy
 
-    out = _prepare_dir(out_dir)
-    paths = []
-    for c, info in enumerate(archive.manifest.dataset.classes):
-        path = out / f"{class_folder(c, info.name)}.safetensors"
-        token = TOKEN_FORMAT.format(info.id)
-        safetensors.numpy.save_file({token: np.ascontiguousarray(archive.embeddings[c])}, path, metadata={"format": "pt"})
-        paths.append(path)
-    return paths
+    names = []
+    with _output_dir(out_dir) as out:
+        for c, info in enumerate(archive.manifest.dataset.classes):
+            names.append(f"{class_folder(c, info.name)}.safetensors")
+            token = TOKEN_FORMAT.format(info.id)
+            safetensors.numpy.save_file({token: np.ascontiguousarray(archive.embeddings[c])}, out / names[-1],
+                                        metadata={"format": "pt"})
+    return [Path(out_dir) / name for name in names]
 
 
 def export_images(dataset, out_dir, progress: bool = True) -> int:
@@ -59,22 +85,29 @@ def export_images(dataset, out_dir, progress: bool = True) -> int:
     """
     from tqdm.auto import tqdm
 
-    out = _prepare_dir(out_dir)
-    dataset.materialize(progress=progress)
-    g2 = dataset.grid * dataset.grid
-    folders = [class_folder(c, n) for c, n in enumerate(dataset.classes)]
-    for folder in folders:
-        (out / folder).mkdir()
-    for k in tqdm(range(len(dataset)), desc="exporting", unit="png", disable=not progress):
-        image, _, label = dataset[k]
-        if dataset.unit == "patch":
-            (c, i), j = divmod(k // g2, dataset.ipc), k % g2
-            name = f"c{c:04d}_i{i:04d}_p{j}.png"
-        else:
-            c, i = divmod(k, dataset.ipc)
-            name = f"c{c:04d}_i{i:04d}.png"
-        _to_pil(image).save(out / folders[label] / name)
+    with _output_dir(out_dir) as out:
+        dataset.materialize(progress=progress)
+        g2 = dataset.grid * dataset.grid
+        folders = [class_folder(c, n) for c, n in enumerate(dataset.classes)]
+        for folder in folders:
+            (out / folder).mkdir()
+        for k in tqdm(range(len(dataset)), desc="exporting", unit="png", disable=not progress):
+            image, _, label = dataset[k]
+            if dataset.unit == "patch":
+                (c, i), j = divmod(k // g2, dataset.ipc), k % g2
+                name = f"c{c:04d}_i{i:04d}_p{j}.png"
+            else:
+                c, i = divmod(k, dataset.ipc)
+                name = f"c{c:04d}_i{i:04d}.png"
+            _to_pil(image).save(out / folders[label] / name)
     return len(dataset)
+
+
+def write_png(image: Image.Image, path) -> None:
+    """Save ``image`` as PNG at ``path`` whatever its suffix, atomically (nothing at ``path`` on failure)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
 
 
 def preview_grid(dataset, classes: list[int], per_class: int = 8, cell: int = 128) -> Image.Image:
@@ -82,6 +115,9 @@ def preview_grid(dataset, classes: list[int], per_class: int = 8, cell: int = 12
 
     Each patch of each image carries its stored top-1 label and probability.
     """
+    for arg, value in (("per_class (d3m-inspect: --per-class)", per_class), ("cell", cell)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise D3MError(f"{arg} must be a positive integer, got {value!r}")
     font = ImageFont.load_default()
     per_class = min(per_class, dataset.ipc)
     label_w, g = 110, dataset.grid

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .devices import check_device
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
 from .models import model_identity, resolve_model
@@ -56,20 +57,6 @@ def default_device() -> str:
 def default_dtype(device: str) -> str:
     """fp16 on CUDA, fp32 elsewhere."""
     return "float16" if torch.device(device).type == "cuda" else "float32"
-
-
-def check_device(device: str) -> None:
-    """Refuse CUDA inside a forked DataLoader worker, with the fixes."""
-    if torch.device(device).type != "cuda":
-        return
-    if torch.cuda._is_in_bad_fork() or (
-        torch.utils.data.get_worker_info() is not None and torch.multiprocessing.get_start_method() == "fork"
-    ):
-        raise D3MError(
-            "CUDA cannot be used in a forked DataLoader worker. Either render everything first with "
-            "dataset.materialize() (workers then only read the cache), use num_workers=0, or pass "
-            "multiprocessing_context='spawn' to the DataLoader"
-        )
 
 
 def shared_pipeline(path, identity: str, device: str, dtype: str):
@@ -161,6 +148,16 @@ def split_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, ch, h // grid, w // grid)
 
 
+def _version_of(package: str) -> str | None:
+    """An installed distribution's version, or None when it is absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 @dataclass(frozen=True)
 class RenderSettings:
     """What, besides the archive, determines the pixels: part of every cache key."""
@@ -171,6 +168,7 @@ class RenderSettings:
 
     def key_parts(self) -> dict:
         import diffusers
+        import transformers
 
         return {
             "model_identity": self.model_identity,
@@ -178,7 +176,9 @@ class RenderSettings:
             "dtype": self.dtype,
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
-            "rule": "d3m-1-8bit",
+            "transformers": transformers.__version__,  # the text encoder and tokenizer behind every prompt
+            "tokenizers": _version_of("tokenizers"),
+            "rule": "d3m-1-8bit-sha256",  # the cache file layout (dataset.py) is part of the key
         }
 
 
@@ -209,6 +209,7 @@ def resolve_render_settings(
         raise D3MError(f"scheduler config algorithm_type {algorithm!r} draws fresh noise every step; "
                        "seeds would not determine the images (use a non-SDE algorithm_type)")
     device = device or default_device()
+    check_device(device)
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise D3MError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")

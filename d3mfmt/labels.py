@@ -9,7 +9,7 @@ Example:
     >>> import numpy as np
     >>> probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
     >>> table = encode(probs, LabelEncoding(kind="topk", k=2, values="f16"))
-    >>> table.dense().round(2).tolist()
+    >>> table.dense().astype(float).round(2).tolist()
     [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]
 """
 
@@ -35,7 +35,10 @@ INDEX_DTYPES = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2"), "uint32": np
 ENCODINGS = ("dense", "topk", "hard")
 
 ZSTD_LEVEL = 19
-MAX_LABEL_PAYLOAD = 1 << 31  # decompressed bytes; see SPEC.md "Limits"
+ZSTD_MAGIC = 0xFD2FB528
+MAX_LABEL_PAYLOAD = 1 << 31  # decompressed bytes: the format's limit (SPEC.md "Limits")
+MAX_LABEL_TABLE = 256 << 20  # the reader's default cap on the decoded table; callers may raise it to MAX_LABEL_PAYLOAD
+CHUNK_ELEMENTS = 1 << 20  # label entries checked or decoded at a time, so scratch memory stays a few MiB
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,12 @@ class LabelEncoding:
                 raise D3MFormatError(f"{where}.values must be one of {list(TOPK_VALUE_CODECS)} for topk, got {self.values!r}")
             if not 1 <= self.k <= num_classes:
                 raise D3MFormatError(f"{where}.k must be in 1..{num_classes} for topk, got {self.k}")
+            if self.k == num_classes and not _represents_uniform(self.values, num_classes):
+                fits = [v for v in TOPK_VALUE_CODECS if _represents_uniform(v, num_classes)]
+                raise D3MFormatError(
+                    f"{where}: topk with k = C = {num_classes} and values {self.values!r} cannot represent a uniform row "
+                    f"(1/{num_classes} rounds down to 0, leaving the row no mass); use values {fits} or k < {num_classes}"
+                )
         if not (np.isfinite(self.temperature) and self.temperature > 0):
             raise D3MFormatError(f"{where}.temperature must be a positive finite number, got {self.temperature}")
 
@@ -113,26 +122,41 @@ class LabelTable:
     def dense(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """Decode rows (all by default) to float32 probabilities [n, C] summing to 1."""
         sel = slice(None) if rows is None else rows
-        return decode_dense(
-            self.encoding,
-            self.num_classes,
-            None if self.indices is None else self.indices[sel],
-            None if self.values is None else self.values[sel],
-        )
+        indices = None if self.indices is None else self.indices[sel]
+        values = None if self.values is None else self.values[sel]
+        n = len(indices if indices is not None else values)
+        out = np.empty((n, self.num_classes), dtype=np.float32)
+        for part in _row_chunks(n, self.num_classes):  # float64 scratch for a chunk, not the table
+            out[part] = decode_dense(
+                self.encoding,
+                self.num_classes,
+                None if indices is None else indices[part],
+                None if values is None else values[part],
+            )
+        return out
 
     def top1(self) -> np.ndarray:
         """The most probable class of every row, int64 [rows]."""
         if self.encoding.kind == "hard":
             return self.indices.astype(np.int64)
-        if self.encoding.kind == "dense":
-            return self.values.argmax(axis=1).astype(np.int64)
-        best = _decode_values(self.encoding.values, self.values).argmax(axis=1)
-        return self.indices[np.arange(len(best)), best].astype(np.int64)
+        out = np.empty(self.rows, dtype=np.int64)
+        for part in _row_chunks(self.rows, self.values.shape[1]):
+            if self.encoding.kind == "dense":
+                out[part] = self.values[part].argmax(axis=1)
+            else:
+                best = _decode_values(self.encoding.values, self.values[part]).argmax(axis=1)
+                out[part] = self.indices[part][np.arange(len(best)), best]
+        return out
 
     def payload(self) -> bytes:
         """The uncompressed payload bytes (indices first, then values)."""
         parts = [a.tobytes() for a in (self.indices, self.values) if a is not None]
         return b"".join(parts)
+
+
+def _represents_uniform(codec: str, num_classes: int) -> bool:
+    """Whether ``codec`` stores 1/C as a positive value: the least a row's largest probability can be."""
+    return bool(_quantize_values(codec, np.array([1.0 / num_classes], dtype=np.float32))[0] > 0)
 
 
 def _quantize_values(codec: str, probs: np.ndarray) -> np.ndarray:
@@ -151,6 +175,12 @@ def _quantize_values(codec: str, probs: np.ndarray) -> np.ndarray:
     too_big = stored.astype(np.float64) > probs
     stored[too_big] = np.nextafter(stored[too_big], stored.dtype.type(0))
     return stored
+
+
+def _row_chunks(rows: int, width: int):
+    """Row slices of about CHUNK_ELEMENTS entries each."""
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return (slice(start, start + step) for start in range(0, rows, step))
 
 
 def _decode_values(codec: str, stored: np.ndarray) -> np.ndarray:
@@ -175,14 +205,38 @@ def encode(probs: np.ndarray, encoding: LabelEncoding) -> LabelTable:
     rows, num_classes = probs.shape
     encoding.check(num_classes)
     if encoding.kind == "dense":
-        return LabelTable(encoding, num_classes, None, _quantize_values(encoding.values, probs))
-    index_dtype = INDEX_DTYPES[encoding.index_dtype(num_classes)]
-    # stable sort on -p: descending probability, ties -> lower index first
-    order = np.argsort(-probs, axis=1, kind="stable")[:, : encoding.k]
-    if encoding.kind == "hard":
-        return LabelTable(encoding, num_classes, order[:, 0].astype(index_dtype), None)
-    kept = np.take_along_axis(probs, order, axis=1)
-    return LabelTable(encoding, num_classes, order.astype(index_dtype), _quantize_values(encoding.values, kept))
+        table = LabelTable(encoding, num_classes, None, _quantize_values(encoding.values, probs))
+    else:
+        index_dtype = INDEX_DTYPES[encoding.index_dtype(num_classes)]
+        # stable sort on -p: descending probability, ties -> lower index first
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : encoding.k]
+        if encoding.kind == "hard":
+            table = LabelTable(encoding, num_classes, order[:, 0].astype(index_dtype), None)
+        else:
+            kept = np.take_along_axis(probs, order, axis=1)
+            table = LabelTable(encoding, num_classes, order.astype(index_dtype), _quantize_values(encoding.values, kept))
+    _check_encoded_mass(table, probs)
+    check_rows(table, where="labels")  # the reader's own rules: nothing unreadable leaves the writer
+    return table
+
+
+def _check_encoded_mass(table: LabelTable, probs: np.ndarray) -> None:
+    """Name a codec that can hold a row whose stored values all rounded down to 0."""
+    enc = table.encoding
+    if enc.values is None or (enc.kind == "topk" and enc.k < table.num_classes):
+        return  # hard rows, and top-k rows with unlisted mass, always decode
+    for part in _row_chunks(table.rows, table.values.shape[1]):
+        empty = np.flatnonzero(_decode_values(enc.values, table.values[part]).sum(axis=1) <= 0)
+        if empty.size:
+            row = part.start + int(empty[0])
+            largest = float(probs[row].max())
+            codecs = DENSE_VALUE_CODECS if enc.kind == "dense" else TOPK_VALUE_CODECS
+            fits = [c for c in codecs if largest > 0 and _quantize_values(c, np.float32([largest]))[0] > 0]
+            fix = f"use values {fits}" if fits else "labels must be probability rows summing to 1"
+            raise D3MFormatError(
+                f"labels: row {row} has no probability mass after encoding with values {enc.values!r} "
+                f"(its largest probability {largest:.3g} rounds down to 0); {fix}"
+            )
 
 
 def decode_dense(encoding: LabelEncoding, num_classes: int, indices, values) -> np.ndarray:
@@ -209,36 +263,53 @@ def compress(table: LabelTable) -> bytes:
     return cctx.compress(table.payload())
 
 
-def decompress(frame: bytes, encoding: LabelEncoding, rows: int, num_classes: int) -> LabelTable:
-    """Check, decompress and validate a label member; raise D3MFormatError."""
+def decompress(frame: bytes, encoding: LabelEncoding, rows: int, num_classes: int, *,
+               max_bytes: int = MAX_LABEL_TABLE) -> LabelTable:
+    """Check, decompress and validate a label member; raise D3MFormatError.
+
+    Memory: the decoded table (the payload, ``max_bytes`` at most) plus a few
+    MiB of scratch; nothing proportional to it is copied or widened.
+    """
     where = "labels.zst"
     expected = encoding.payload_size(rows, num_classes)
     if expected > MAX_LABEL_PAYLOAD:
         raise D3MFormatError(f"{where}: payload of {expected} bytes exceeds the limit of {MAX_LABEL_PAYLOAD}")
+    if expected > max_bytes:
+        raise D3MFormatError(
+            f"{where}: decoded label table of {expected} bytes exceeds this reader's cap of {max_bytes} bytes; "
+            f"if the archive is trusted, raise max_label_bytes (up to {MAX_LABEL_PAYLOAD})"
+        )
     # 1. the frame header must declare exactly the size the manifest implies,
     #    checked before anything is allocated for the output
+    if len(frame) < 4 or int.from_bytes(frame[:4], "little") != ZSTD_MAGIC:
+        raise D3MFormatError(f"{where}: not a zstd frame (expected the magic number 28 b5 2f fd; "
+                             "skippable frames are not allowed)")
     try:
         declared = zstandard.frame_content_size(frame)
+        params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
         raise D3MFormatError(f"{where}: not a zstd frame ({exc})") from None
     if declared != expected:
         shown = "no size" if declared < 0 else f"{declared} bytes"
         raise D3MFormatError(f"{where}: zstd frame declares {shown}, the manifest implies {expected} bytes")
-    # 2. decode exactly one frame, nothing after it
-    dobj = zstandard.ZstdDecompressor().decompressobj()
+    if params.dict_id:
+        raise D3MFormatError(f"{where}: the zstd frame needs dictionary {params.dict_id}; frames must not use a dictionary")
+    # 2. decode into one buffer of exactly the declared size; nothing may follow the frame
     try:
-        payload = dobj.decompress(frame)
+        payload = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as exc:
+        if "unused data" in str(exc):
+            raise D3MFormatError(f"{where}: expected exactly one complete zstd frame of {expected} bytes, "
+                                 "found bytes after it") from None
         raise D3MFormatError(f"{where}: corrupt zstd frame ({exc})") from None
-    if not dobj.eof or dobj.unused_data or len(payload) != expected:
+    if len(payload) != expected:
         raise D3MFormatError(f"{where}: expected exactly one complete zstd frame of {expected} bytes")
     # 3. split the payload and check every entry
     return _parse_payload(payload, encoding, rows, num_classes)
 
 
 def _parse_payload(payload: bytes, encoding: LabelEncoding, rows: int, num_classes: int) -> LabelTable:
-    """Payload bytes -> LabelTable, checking indices and values."""
-    where = "labels.zst"
+    """Payload bytes -> LabelTable of views into them, checking indices and values."""
     indices = values = None
     offset = 0
     if encoding.kind != "dense":
@@ -246,20 +317,52 @@ def _parse_payload(payload: bytes, encoding: LabelEncoding, rows: int, num_class
         shape = (rows,) if encoding.kind == "hard" else (rows, encoding.k)
         indices = np.frombuffer(payload, dtype=idx_dtype, count=int(np.prod(shape)), offset=0).reshape(shape)
         offset = indices.nbytes
-        if indices.size and int(indices.max()) >= num_classes:
-            raise D3MFormatError(f"{where}: class index {int(indices.max())} >= number of classes {num_classes}")
-        if encoding.kind == "topk" and encoding.k > 1:
-            ordered = np.sort(indices, axis=1)
+    if encoding.values is not None:
+        width = num_classes if encoding.kind == "dense" else encoding.k
+        values = np.frombuffer(payload, dtype=VALUE_CODECS[encoding.values], count=rows * width, offset=offset)
+        values = values.reshape(rows, width)
+    table = LabelTable(encoding, num_classes, indices, values)
+    check_rows(table)
+    return table
+
+
+def _check_layout(table: LabelTable, where: str) -> None:
+    """The arrays' dtypes and shapes are the ones the encoding stores (a hand-made table may differ)."""
+    enc, rows = table.encoding, table.rows
+    want_idx = None if enc.kind == "dense" else (INDEX_DTYPES[enc.index_dtype(table.num_classes)],
+                                                (rows,) if enc.kind == "hard" else (rows, enc.k))
+    want_val = None if enc.values is None else (VALUE_CODECS[enc.values],
+                                                (rows, table.num_classes if enc.kind == "dense" else enc.k))
+    for name, array, want in (("indices", table.indices, want_idx), ("values", table.values, want_val)):
+        got = None if array is None else (getattr(array, "dtype", None), getattr(array, "shape", None))
+        if got != want:
+            shown = "none" if want is None else f"{want[0]} {want[1]}"
+            raise D3MFormatError(f"{where}: {name} must be {shown} for {enc}, got {got}")
+
+
+def check_rows(table: LabelTable, where: str = "labels.zst") -> None:
+    """The per-row rules of SPEC.md "Label encoding", a chunk of rows at a time; raise D3MFormatError.
+
+    The reader runs this on every table it decodes and the writer on every
+    table it stores, so the two cannot disagree.
+    """
+    enc, num_classes = table.encoding, table.num_classes
+    _check_layout(table, where)
+    if table.indices is not None and table.indices.size and int(table.indices.max()) >= num_classes:
+        raise D3MFormatError(f"{where}: class index {int(table.indices.max())} >= number of classes {num_classes}")
+    width = num_classes if enc.kind == "dense" else enc.k
+    needs_mass = enc.kind == "dense" or (enc.kind == "topk" and enc.k == num_classes)  # no unlisted mass to spread
+    for part in _row_chunks(table.rows, width):
+        if enc.kind == "topk" and enc.k > 1:
+            ordered = np.sort(table.indices[part], axis=1)
             if np.any(ordered[:, 1:] == ordered[:, :-1]):
                 raise D3MFormatError(f"{where}: a row lists the same class index twice")
-    if encoding.values is not None:
-        val_dtype = VALUE_CODECS[encoding.values]
-        width = num_classes if encoding.kind == "dense" else encoding.k
-        values = np.frombuffer(payload, dtype=val_dtype, count=rows * width, offset=offset).reshape(rows, width)
-        if val_dtype.kind == "f":
-            if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
-                raise D3MFormatError(f"{where}: label values must be finite probabilities in [0, 1]")
-        if encoding.kind == "dense" or encoding.k == num_classes:  # no remaining mass to spread
-            if rows and np.any(_decode_values(encoding.values, values).sum(axis=1) <= 0):
-                raise D3MFormatError(f"{where}: a row has no probability mass")
-    return LabelTable(encoding, num_classes, indices, values)
+        if table.values is None:
+            continue
+        v = table.values[part]
+        if v.dtype.kind == "f" and not (np.all(np.isfinite(v)) and np.all(v >= 0) and np.all(v <= 1)):
+            raise D3MFormatError(f"{where}: label values must be finite probabilities in [0, 1]")
+        if needs_mass:
+            empty = np.flatnonzero(_decode_values(enc.values, v).sum(axis=1) <= 0)
+            if empty.size:
+                raise D3MFormatError(f"{where}: a row has no probability mass (row {part.start + int(empty[0])})")

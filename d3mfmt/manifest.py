@@ -9,12 +9,13 @@ the canonical bytes the writer stores.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field, replace
 
 from .errors import D3MFormatError
+from .jsonfields import Fields, check_text, check_tree, loads
 from .labels import LabelEncoding
+from .schedulers import PIPELINES, check_scheduler_config
 
 FORMAT_NAME = "d3m"
 FORMAT_VERSION = (1, 0)
@@ -30,7 +31,6 @@ MAX_IMAGE_SIDE = 4096
 MAX_STEPS = 1000
 MAX_ROWS = 1 << 28  # label rows = classes * ipc * grid**2
 MAX_FINGERPRINT_SIDE = 16
-MAX_TEXT = 4096  # characters in a free-text field
 
 EMBEDDING_DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -44,6 +44,12 @@ class ClassInfo:
 
     id: str
     name: str
+
+    def __post_init__(self):
+        # a folder name that is not UTF-8 arrives with unpaired surrogates: refuse it where classes are made
+        for what, value in (("id", self.id), ("name", self.name)):
+            if isinstance(value, str):
+                check_text(value, f"class {what}")  # lengths and types: Manifest.from_dict
 
 
 @dataclass(frozen=True)
@@ -198,8 +204,10 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """Canonical bytes: sorted keys, no whitespace, UTF-8, trailing newline (``d3m-inspect --json`` is the readable view)."""
+        doc = self.to_dict()
+        check_tree(doc)  # the reader's rules on every value: no surrogates, no inf, bounded depth
         try:
-            text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise D3MFormatError(f"manifest.json: cannot be written as JSON ({exc})") from None
         return (text + "\n").encode("utf-8")
@@ -208,15 +216,12 @@ class Manifest:
     def from_json(cls, raw: bytes) -> "Manifest":
         if len(raw) > MAX_MANIFEST_BYTES:
             raise D3MFormatError(f"manifest.json: {len(raw)} bytes exceeds the limit of {MAX_MANIFEST_BYTES}")
-        try:
-            doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
-            raise D3MFormatError(f"manifest.json: not valid UTF-8 JSON ({exc})") from None
-        return cls.from_dict(doc)
+        return cls.from_dict(loads(raw))
 
     @classmethod
     def from_dict(cls, doc) -> "Manifest":
-        r = _Fields(doc, "")
+        check_tree(doc)
+        r = Fields(doc, "")
         if r.str("format") != FORMAT_NAME:
             raise D3MFormatError(f"manifest.json: format must be {FORMAT_NAME!r}, got {doc.get('format')!r}")
         version = parse_version(r.str("version"))
@@ -275,14 +280,16 @@ class Manifest:
         return manifest
 
 
-def _parse_generator(g: "_Fields") -> GeneratorInfo:
+def _parse_generator(g: Fields) -> GeneratorInfo:
     model, sched = g.obj("model"), g.obj("scheduler")
+    scheduler, config, steps = sched.str("class"), sched.raw_obj("config"), g.int("steps", 1, MAX_STEPS)
+    check_scheduler_config(scheduler, config, steps)
     return GeneratorInfo(
-        pipeline=g.str("pipeline"),
+        pipeline=g.choice("pipeline", PIPELINES),
         model=ModelRef(model.str("id"), model.str("revision", optional=True), model.str("identity", optional=True)),
-        scheduler=sched.str("class"),
-        scheduler_config=sched.raw_obj("config"),
-        steps=g.int("steps", 1, MAX_STEPS),
+        scheduler=scheduler,
+        scheduler_config=config,
+        steps=steps,
         guidance_scale=g.num("guidance_scale", 0.0, 100.0),
         eta=g.num("eta", 0.0, 0.0),
         height=g.int("height", 1, MAX_IMAGE_SIDE),
@@ -318,7 +325,8 @@ def generator_to_dict(gen: GeneratorInfo) -> dict:
 
 def generator_from_dict(doc: dict) -> GeneratorInfo:
     """Parse and check a ``generator`` object on its own (raises D3MFormatError)."""
-    return _parse_generator(_Fields(doc, "generator"))
+    check_tree(doc, "generator")
+    return _parse_generator(Fields(doc, "generator"))
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -333,89 +341,3 @@ def parse_version(text: str) -> tuple[int, int]:
             "upgrade d3mfmt to read this archive"
         )
     return major, minor
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
-
-
-class _Fields:
-    """Typed access to one JSON object, with the field path in every error."""
-
-    def __init__(self, doc, where: str):
-        if not isinstance(doc, dict):
-            raise D3MFormatError(f"manifest.json: {where or 'top level'} must be an object, got {type(doc).__name__}")
-        self.doc, self.where = doc, where
-
-    def _path(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def _get(self, key: str, optional: bool):
-        if key not in self.doc:
-            if optional:
-                return None
-            raise D3MFormatError(f"manifest.json: missing required field {self._path(key)}")
-        value = self.doc[key]
-        if value is None and not optional:
-            raise D3MFormatError(f"manifest.json: {self._path(key)} must not be null")
-        return value
-
-    def _fail(self, key: str, wanted: str, value) -> D3MFormatError:
-        return D3MFormatError(f"manifest.json: {self._path(key)} must be {wanted}, got {value!r}"[:500])
-
-    def str(self, key: str, *, optional: bool = False, min_len: int = 1, max_len: int = MAX_TEXT):
-        value = self._get(key, optional)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not min_len <= len(value) <= max_len:
-            raise self._fail(key, f"a string of {min_len}..{max_len} characters", value)
-        return value
-
-    def choice(self, key: str, allowed: tuple[str, ...]):
-        value = self._get(key, False)
-        if value not in allowed:
-            raise self._fail(key, f"one of {list(allowed)}", value)
-        return value
-
-    def int(self, key: str, lo: int, hi: int, *, optional: bool = False):
-        value = self._get(key, optional)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise self._fail(key, f"an integer in {lo}..{hi}", value)
-        return value
-
-    def num(self, key: str, lo: float, hi: float, *, optional: bool = False):
-        value = self._get(key, optional)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and lo <= value <= hi):
-            raise self._fail(key, f"a number in [{lo}, {hi}]", value)
-        return float(value)
-
-    def int_list(self, key: str, length: int, lo: int, hi: int) -> list[int]:
-        value = self._get(key, False)
-        ok = isinstance(value, list) and len(value) == length
-        ok = ok and all(not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi for v in value)
-        if not ok:
-            raise self._fail(key, f"a list of {length} integers in {lo}..{hi}", value)
-        return value
-
-    def obj(self, key: str, *, optional: bool = False) -> "_Fields | None":
-        value = self._get(key, optional)
-        return None if value is None else _Fields(value, self._path(key))
-
-    def raw_obj(self, key: str, *, optional: bool = False) -> dict | None:
-        value = self._get(key, optional)
-        if value is not None and not isinstance(value, dict):
-            raise self._fail(key, "an object", value)
-        return value
-
-    def list_of_obj(self, key: str, lo: int, hi: int) -> list["_Fields"]:
-        value = self._get(key, False)
-        if not isinstance(value, list) or not lo <= len(value) <= hi:
-            raise self._fail(key, f"a list of {lo}..{hi} objects", type(value).__name__)
-        return [_Fields(v, f"{self._path(key)}[{i}]") for i, v in enumerate(value)]
-
-    def items(self):
-        return [(k, _Fields(v, self._path(k))) for k, v in self.doc.items()]

@@ -102,3 +102,14 @@ def load_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     rows = split_indices(split)
     images, labels = _load_all()
     return images[rows].copy(), labels[rows].copy()
+
+
+def to_rgb32(images: np.ndarray):
+    """uint8 ``[N, 28, 28]`` digits -> float32 torch ``[N, 3, 32, 32]`` in [0, 1] (2-px zero border, grey as RGB).
+
+    The one place the built-in model's 28 -> 32 padding is written (imports torch).
+    """
+    import torch
+
+    x = torch.nn.functional.pad(torch.from_numpy(np.ascontiguousarray(images)).float().div_(255), (2, 2, 2, 2))
+    return x[:, None].expand(-1, 3, -1, -1).contiguous()

@@ -7,6 +7,49 @@ from .archive import Archive, check_member, parse_tensors
 from .errors import D3MFormatError
 from .labels import decompress
 from .manifest import Manifest
+from .terminal import printable
+
+
+# A class renders poorly for the teacher when its agreement on regenerated patches is under
+# half its agreement on real patches, or under 50 % (the builder warns with the same rule).
+LOW_AGREEMENT_RATIO = 0.5
+LOW_AGREEMENT_FLOOR = 0.5
+
+
+def low_agreement(real: float | None, regenerated: float) -> bool:
+    """The builder's and d3m-inspect's one rule for "this class renders poorly for the teacher"."""
+    return regenerated < LOW_AGREEMENT_FLOOR or (real is not None and regenerated < LOW_AGREEMENT_RATIO * real)
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+    return float(value) if ok else None
+
+
+def agreement_summary(archive: Archive) -> dict | None:
+    """Per-class teacher agreement from the build info (None when the archive records none).
+
+    Build info is free-form: entries that are not fractions in [0, 1] are ignored.
+    """
+    recorded = archive.manifest.build.get("agreement")
+    if not isinstance(recorded, dict):
+        return None
+    rows = []
+    for c in archive.manifest.dataset.classes:
+        entry = recorded.get(c.id)
+        if not isinstance(entry, dict) or _number(entry.get("regenerated")) is None:
+            continue
+        rows.append({"id": c.id, "name": c.name, "regenerated": _number(entry["regenerated"]),
+                     "real": _number(entry.get("real"))})
+    if not rows:
+        return None
+    real = [r["real"] for r in rows if r["real"] is not None]
+    return {
+        "classes": len(rows),
+        "regenerated_mean": round(sum(r["regenerated"] for r in rows) / len(rows), 4),
+        "real_mean": round(sum(real) / len(real), 4) if real else None,
+        "low": [r for r in rows if low_agreement(r["real"], r["regenerated"])],
+    }
 
 
 def inversion_summary(build: dict) -> dict | None:
@@ -83,12 +126,13 @@ def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict
             "bytes_per_patch": round(members[container.LABELS] / ds.num_patches, 2),
         },
         "fingerprints": None if m.fingerprint_size is None else {"size": m.fingerprint_size},
+        "agreement": agreement_summary(archive),
         "inversion": inversion_summary(m.build),
     }
 
 
 def render_text(s: dict, max_names: int = 6) -> str:
-    """Human-readable rendering of ``summarize``'s dict."""
+    """Human-readable rendering of ``summarize``'s dict, control characters escaped."""
     ds, gen, lab = s["dataset"], s["generator"], s["labels"]
     names = ", ".join(f"{i}:{n}" for i, n in zip(ds["class_ids"][:max_names], ds["class_names"][:max_names]))
     if ds["classes"] > max_names:
@@ -114,15 +158,27 @@ def render_text(s: dict, max_names: int = 6) -> str:
         f"embeddings    {s['embeddings']['n_vectors']} x {s['embeddings']['dim']} {s['embeddings']['dtype']} per class",
         f"teacher       {teacher_line}",
         f"labels        {lab['encoding']}{k}{values} (T={lab['temperature']}), {lab['bytes_per_patch']} bytes/patch",
+        "members",
     ]
+    agreement = s.get("agreement")
+    if agreement:
+        real = "" if agreement["real_mean"] is None else f" (selected real patches: {100 * agreement['real_mean']:.1f}%)"
+        lines.insert(-1, f"agreement     teacher top-1 = class on {100 * agreement['regenerated_mean']:.1f}% of "
+                         f"regenerated patches{real}")
+        if agreement["low"]:
+            low = ", ".join(f"{r['name']} {100 * r['regenerated']:.0f}%"
+                            + ("" if r["real"] is None else f" (real {100 * r['real']:.0f}%)")
+                            for r in agreement["low"][:max_names])
+            more = f", ... ({len(agreement['low']) - max_names} more)" if len(agreement["low"]) > max_names else ""
+            lines.insert(-1, f"  LOW         {len(agreement['low'])} of {agreement['classes']} classes render poorly "
+                             f"for the teacher: {low}{more}")
     inv = s.get("inversion")
     if inv:
         mean = "" if inv["mean_val_loss_change"] is None else f", mean {100 * inv['mean_val_loss_change']:+.1f}%"
         bad = f", {inv['unreadable']} unreadable" if inv["unreadable"] else ""
-        lines.append(f"inversion     val loss improved on {inv['improved']}/{inv['classes']} classes{mean}{bad}")
-    lines.append("members")
+        lines.insert(-1, f"inversion     val loss improved on {inv['improved']}/{inv['classes']} classes{mean}{bad}")
     lines += [f"  {name:<22}{size:>12,} bytes" for name, size in s["members"].items()]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def check(data: bytes) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .archive import Archive
 from .errors import D3MError
+from .terminal import printable
 
 DEFAULT_TOLERANCE = 8  # 8-bit levels, SPEC.md "Fingerprint"
 
@@ -28,7 +29,7 @@ class VerifyReport:
         return bool(self.drift.max(initial=0) <= self.tolerance)
 
     def lines(self, class_names: list[str]) -> list[str]:
-        out = [f"  class {c} ({class_names[c]}) image {i}: drift {int(d)}" for (c, i), d in zip(self.images, self.drift)]
+        out = [f"  class {c} ({printable(class_names[c])}) image {i}: drift {int(d)}" for (c, i), d in zip(self.images, self.drift)]
         verdict = "OK" if self.ok else "FAILED"
         out.append(
             f"verify {verdict}: {len(self.images)} images, max drift {int(self.drift.max(initial=0))}, "
@@ -45,19 +46,21 @@ def sample_images(archive: Archive, n: int) -> list[tuple[int, int]]:
     return [divmod(int(k), ds.ipc) for k in picks]
 
 
-def check_verify(archive: Archive, n: int) -> None:
+def check_verify(archive: Archive, n: int, tolerance: int = DEFAULT_TOLERANCE) -> None:
     """Raise D3MError before any model loads if ``verify`` cannot run."""
     if archive.fingerprints is None:
         raise D3MError("the archive has no fingerprints (manifest 'fingerprints' is null); nothing to verify against")
     if n < 1:
-        raise D3MError(f"--n must be a positive integer, got {n}")
+        raise D3MError(f"--verify-images must be a positive integer, got {n}")
+    if not 0 <= tolerance <= 255:
+        raise D3MError(f"--tolerance must be in 0..255 (8-bit levels), got {tolerance}")
 
 
 def verify(archive: Archive, regenerator, n: int = 8, tolerance: int = DEFAULT_TOLERANCE) -> VerifyReport:
     """Regenerate ``n`` images with ``regenerator`` and measure fingerprint drift."""
     from .generator import fingerprint
 
-    check_verify(archive, n)
+    check_verify(archive, n, tolerance)
     size = archive.manifest.fingerprint_size
     images = sample_images(archive, n)
     drift = []

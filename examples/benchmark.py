@@ -35,17 +35,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_student import TrainConfig, archive_tensors, mnist_eval_set, train  # noqa: E402
+from train_student import TrainConfig, batches, mnist_eval_set, train_on  # noqa: E402
 
 import d3mfmt  # noqa: E402
-from builder.build import BuildSettings, InversionSettings, build, write_archive  # noqa: E402
+from builder.build import InversionSettings, build, demo_settings, write_archive  # noqa: E402
 from builder.labelling import teacher_probs  # noqa: E402
 from builder.patches import PatchSettings, make_collages, select_patches  # noqa: E402
 from builder.sources import MnistSource  # noqa: E402
 from builder.teachers import load_teacher  # noqa: E402
-from d3mfmt.mnist import load_mnist  # noqa: E402
+from d3mfmt import D3MDataset  # noqa: E402
+from d3mfmt.mnist import load_mnist, to_rgb32  # noqa: E402
 
 
 def png_bytes(images: torch.Tensor) -> int:
@@ -60,8 +62,7 @@ def png_bytes(images: torch.Tensor) -> int:
 
 def real_digits() -> tuple[torch.Tensor, torch.Tensor]:
     x, y = load_mnist("train")
-    images = F.pad(torch.from_numpy(x).float().div(255), (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1)
-    return images.contiguous(), torch.from_numpy(y)
+    return to_rgb32(x), torch.from_numpy(y)
 
 
 def random_subset(labels: torch.Tensor, ipc: int, seed: int) -> torch.Tensor:
@@ -88,12 +89,12 @@ def build_archives(ipc: int, out: Path) -> dict[str, Path]:
     """One demo build per IPC, written with three label encodings; plus, for IPC 10, one without inversion."""
     paths = {}
     if ipc == 10:  # ablation: what textual inversion adds over the class word's own embedding
-        wd0 = build(MnistSource("train"), BuildSettings(ipc=ipc, inversion=InversionSettings(steps=0)),
+        wd0 = build(MnistSource("train"), demo_settings(ipc=ipc, inversion=InversionSettings(steps=0)),
                     out / f"ipc{ipc}-noinv.work", device="cpu")
         path = out / f"mnist_ipc{ipc}_no_inversion.d3m"
         write_archive([wd0.path], path, d3mfmt.LabelEncoding(), path.stem)
         paths[".d3m soft, no inversion (class word)"] = path
-    wd = build(MnistSource("train"), BuildSettings(ipc=ipc), out / f"ipc{ipc}.work", device="cpu")
+    wd = build(MnistSource("train"), demo_settings(ipc=ipc), out / f"ipc{ipc}.work", device="cpu")
     encodings = {
         ".d3m one-hot": d3mfmt.LabelEncoding("hard", 1, None),
         ".d3m soft (default)": d3mfmt.LabelEncoding(),
@@ -123,7 +124,12 @@ def main() -> None:
     results = []
 
     def run(name: str, ipc, x, p, nbytes: int, loss: str) -> None:
-        accs = [train(x, p, eval_set, TrainConfig(steps=args.steps, loss=loss, seed=s), progress=False) for s in args.seeds]
+        """x, p: tensors, or x a D3MDataset (read through a DataLoader, as a user would) and p None."""
+        data = x if p is None else TensorDataset(x, p)
+        accs = []
+        for s in args.seeds:
+            cfg = TrainConfig(steps=args.steps, loss=loss, seed=s)
+            accs.append(train_on(batches(data, cfg), eval_set, cfg, progress=False))
         results.append({"ipc": ipc, "method": name, "bytes": nbytes, "mean": float(np.mean(accs)),
                         "std": float(np.std(accs)), "accs": accs, "loss": loss})
         print(f"ipc {ipc} {name}: {100 * np.mean(accs):.2f} +- {100 * np.std(accs):.2f} ({nbytes:,} bytes)",
@@ -140,8 +146,8 @@ def main() -> None:
         px, pp, nbytes = rded_patches(ipc, teacher, 0)
         run("real-patch collages + soft", ipc, px, pp, nbytes, "kd")
         for name, path in build_archives(ipc, args.out).items():
-            ax, ap_ = archive_tensors(str(path), str(args.out / "cache"))
-            run(name, ipc, ax, ap_, path.stat().st_size, "ce" if "one-hot" in name else "kd")
+            dataset = D3MDataset(path, cache_dir=args.out / "cache")
+            run(name, ipc, dataset, None, path.stat().st_size, "ce" if "one-hot" in name else "kd")
 
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=1))
     lines = [f"| IPC | method | bytes | accuracy % (mean ± std, {len(args.seeds)} seeds) |", "|---|---|---:|---:|"]

@@ -13,11 +13,12 @@
 #           m.load_state_dict(safetensors.torch.load_file("resnet18_in100.safetensors"))
 #           return torch.nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), m)
 #
-# Settings: 512-px 2x2 collages (256-px patches) as in D3M's ImageNet setup,
-# DDIM 30 steps, guidance 4, one 768-wide vector per class, 1000 inversion steps.
-# Time per class on one GPU is NOT measured by this project yet (no GPU run so
-# far); expect minutes (textual inversion dominates), and check the log's
-# per-stage seconds on your first classes.
+# Settings: the Stable Diffusion defaults of builder/defaults.py (512-px 2x2
+# collages, i.e. 256-px patches as in D3M's ImageNet setup; 50 DDIM steps,
+# guidance 7.5; one 768-wide vector per class, 500 inversion steps at lr 2e-3,
+# batch 4); `d3m-build build --help` lists them. Time per class on one GPU is
+# not yet measured; expect minutes (textual inversion dominates), and check the
+# log's per-stage seconds on your first classes.
 set -euo pipefail
 DATA=${DATA:?set DATA to the ImageFolder train directory}
 REV=${REV:?set REV to the exact commit of the SD 1.5 snapshot in your cache}
@@ -27,8 +28,7 @@ ARGS=(
   "$DATA" -o "$OUT" --workdir "$WORK"
   --model stable-diffusion-v1-5/stable-diffusion-v1-5 --revision "$REV"
   --teacher my_teachers:resnet18_in100 --classes classes.txt
-  --ipc 10 --grid 2 --steps 30 --guidance 4 --template "a photo of {token}"
-  --ti-steps 1000 --ti-lr 5e-3 --ti-batch 8 --n-crops 5 --max-images 300
+  --ipc 10 --grid 2 --min-agreement 0.3
 )
 
 case "${1:-single}" in
@@ -36,12 +36,12 @@ case "${1:-single}" in
     d3m-build "${ARGS[@]}" ;;
   torchrun) # every GPU of this machine; each process takes classes c % WORLD_SIZE == RANK, on cuda:LOCAL_RANK
     torchrun --standalone --nproc-per-node "${GPUS:-8}" "$(command -v d3m-build)" "${ARGS[@]}" --shard auto
-    d3m-build --merge "$WORK" -o "$OUT" ;;
+    d3m-build merge "$WORK" -o "$OUT" ;;
   accelerate)
     accelerate launch --num_processes "${GPUS:-8}" "$(command -v d3m-build)" "${ARGS[@]}" --shard auto
-    d3m-build --merge "$WORK" -o "$OUT" ;;
+    d3m-build merge "$WORK" -o "$OUT" ;;
   slurm)    # sbatch --array=0-31 --gpus=1 examples/build_imagenet_sd15.sh slurm; then merge once all are done
     d3m-build "${ARGS[@]}" --shard auto ;;
-  merge)    # after all shards: joins their work directories (pass several with --merge DIR --merge DIR)
-    d3m-build --merge "$WORK" -o "$OUT" ;;
+  merge)    # after all shards: joins their work directories (d3m-build merge DIR0 DIR1 ... -o OUT)
+    d3m-build merge "$WORK" -o "$OUT" ;;
 esac

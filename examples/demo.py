@@ -42,7 +42,7 @@ def main() -> None:
     inspect = str(bindir / "d3m-inspect")
     sh(inspect, archive)
     sh(inspect, archive, "--check")
-    sh(inspect, archive, "--verify", "--n", "10")
+    sh(inspect, archive, "--verify", "--verify-images", "10")
     sh(inspect, archive, "--preview", str(args.out / "mnist_ipc10_preview.png"))
     # 3. train on it
     sh(sys.executable, str(ROOT / "examples" / "train_student.py"), archive, "--steps", args.student_steps)

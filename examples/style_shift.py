@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_student import TrainConfig, archive_tensors, mnist_eval_set, train  # noqa: E402
 
 import d3mfmt  # noqa: E402
-from builder.build import BuildSettings, InversionSettings, build, write_archive  # noqa: E402
+from builder.build import DEMO_MODEL, BuildSettings, InversionSettings, build, write_archive  # noqa: E402
+from builder.defaults import model_defaults  # noqa: E402
 from builder.labelling import teacher_probs  # noqa: E402
 from builder.sources import ImageFolderSource, MnistSource  # noqa: E402
 from builder.teachers import load_teacher  # noqa: E402
@@ -138,8 +139,8 @@ def prepare(source: str, out: Path):
 
 def build_archive(src, teacher_name: str, inversion: InversionSettings, out: Path, name: str) -> Path:
     t0 = time.perf_counter()
-    wd = build(src, BuildSettings(teacher=teacher_name, ipc=10, inversion=inversion), out / f"{name}.work",
-               device="cpu", progress=False)
+    wd = build(src, BuildSettings(model=DEMO_MODEL, teacher=teacher_name, ipc=10, inversion=inversion),
+               out / f"{name}.work", device="cpu", progress=False)
     path = out / f"{name}.d3m"
     write_archive([wd.path], path, d3mfmt.LabelEncoding(), name)
     logging.info("%s: built in %.0fs", name, time.perf_counter() - t0)
@@ -152,12 +153,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300, help="student steps (benchmark.py's budget)")
     ap.add_argument("--out", type=Path, default=Path("out/style"))
-    d = InversionSettings()
-    ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--ti-steps", type=int, default=d.steps)
-    ap.add_argument("--ti-batch", type=int, default=d.batch)
-    ap.add_argument("--vectors", type=int, default=d.n_vectors)
-    ap.add_argument("--timesteps", default=d.timesteps)
+    d, inv = model_defaults(DEMO_MODEL), InversionSettings()
+    ap.add_argument("--lr", type=float, default=d.ti_lr)
+    ap.add_argument("--ti-steps", type=int, default=d.ti_steps)
+    ap.add_argument("--ti-batch", type=int, default=d.ti_batch)
+    ap.add_argument("--vectors", type=int, default=inv.n_vectors)
+    ap.add_argument("--timesteps", default=inv.timesteps)
     ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out: real, word, inverted")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,14 +29,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import style_shift  # noqa: E402
 
-from builder.build import BuildSettings, InversionSettings, generator_info  # noqa: E402
+from builder.build import DEMO_MODEL, BuildSettings, InversionSettings, generator_info, native_resolution  # noqa: E402
+from builder.defaults import model_defaults, resolve_settings  # noqa: E402
 from builder.inversion import invert_class_token  # noqa: E402
 from builder.labelling import class_seeds, render_and_label  # noqa: E402
 from builder.patches import make_collages, select_patches  # noqa: E402
 from d3mfmt.generator import Regenerator, default_dtype, shared_pipeline  # noqa: E402
 from d3mfmt.models import model_identity, resolve_model  # noqa: E402
 
-BASE = InversionSettings()
+_D = model_defaults(DEMO_MODEL)
+BASE = InversionSettings(steps=_D.ti_steps, lr=_D.ti_lr, batch=_D.ti_batch)  # the built-in model's defaults
 CONFIGS = {  # name -> settings (all scored on the same validation triples)
     "default": BASE,
     "lr 1e-4": replace(BASE, lr=1e-4),
@@ -66,12 +68,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    path = resolve_model("d3m/tiny-mnist")
+    path = resolve_model(DEMO_MODEL)
     pipe = shared_pipeline(path, model_identity(path), "cpu", default_dtype("cpu"))
     rows = []
     for source in args.sources:
         src, teacher_name, teacher, *_ = style_shift.prepare(source, Path("out/style"))
-        s = BuildSettings(teacher=teacher_name, ipc=10)
+        s = resolve_settings(BuildSettings(model=DEMO_MODEL, teacher=teacher_name, ipc=10), native_resolution(pipe))
         gen = generator_info(s, pipe, path)
         for c in args.classes:
             name = src.classes[c].name

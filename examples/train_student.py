@@ -73,11 +73,10 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def mnist_eval_set() -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out MNIST split as 32-px RGB tensors in [0, 1]."""
-    from d3mfmt.mnist import load_mnist
+    from d3mfmt.mnist import load_mnist, to_rgb32
 
     x, y = load_mnist("test")
-    images = F.pad(torch.from_numpy(x).float().div(255), (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1)
-    return images.contiguous(), torch.from_numpy(y)
+    return to_rgb32(x), torch.from_numpy(y)
 
 
 def imagefolder_eval_set(root: str, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,23 +101,38 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return correct / len(labels)
 
 
-def train(images: torch.Tensor, targets: torch.Tensor, eval_set, cfg: TrainConfig, make_student=convnet,
-          teacher: nn.Module | None = None, progress: bool = True, losses: list | None = None) -> float:
-    """Train a fresh student on ``images`` [N, 3, s, s] with ``targets`` (probabilities [N, C]); return eval accuracy.
+def batches(dataset, cfg: TrainConfig, num_workers: int = 0):
+    """Endless shuffled batches ``(images, soft labels)`` from any dataset whose items start with those two.
+
+    The path users copy: ``DataLoader(D3MDataset(path), batch_size, shuffle=True, num_workers)``.
+    """
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(dataset, batch_size=min(cfg.batch, len(dataset)), shuffle=True, generator=g,
+                        num_workers=num_workers, persistent_workers=num_workers > 0, drop_last=True)
+    while True:
+        for batch in loader:
+            yield batch[0], batch[1]
+
+
+def train_on(data, eval_set, cfg: TrainConfig, make_student=convnet, teacher: nn.Module | None = None,
+             progress: bool = True, losses: list | None = None) -> float:
+    """Train a fresh student on ``data`` (an iterator of (images, probabilities) batches); return eval accuracy.
 
     With ``teacher``, targets are recomputed by the teacher on every (augmented) batch (protocol 'M').
     Each step's loss is appended to ``losses`` when given.
     """
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    num_classes = targets.shape[1]
-    student = make_student(num_classes)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    student = None
     T = cfg.temperature
-    for _ in tqdm(range(cfg.steps), desc="student", unit="step", disable=not progress, leave=False):
-        idx = torch.randint(len(images), (min(cfg.batch, len(images)),), generator=g)
-        x, p = images[idx], targets[idx]
+    for step in tqdm(range(cfg.steps), desc="student", unit="step", disable=not progress, leave=False):
+        x, p = next(data)
+        if student is None:  # the class count comes with the first batch
+            student = make_student(p.shape[-1])
+            opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
         if cfg.augment:
             x = augment(x, g)
         if teacher is not None:
@@ -140,13 +154,12 @@ def train(images: torch.Tensor, targets: torch.Tensor, eval_set, cfg: TrainConfi
     return evaluate(student, *eval_set)
 
 
-def archive_tensors(path: str, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All patches of an archive and their stored soft labels, regenerated through D3MDataset."""
-    from d3mfmt import D3MDataset
+def train(images: torch.Tensor, targets: torch.Tensor, eval_set, cfg: TrainConfig, make_student=convnet,
+          teacher: nn.Module | None = None, progress: bool = True, losses: list | None = None) -> float:
+    """:func:`train_on` for tensors already in memory (baselines such as random real images + soft labels)."""
+    from torch.utils.data import TensorDataset
 
-    ds = D3MDataset(path, cache_dir=cache_dir).materialize(progress=False)
-    items = ds.__getitems__(range(len(ds)))
-    return torch.stack([x for x, _, _ in items]), torch.stack([p for _, p, _ in items])
+    return train_on(batches(TensorDataset(images, targets), cfg), eval_set, cfg, make_student, teacher, progress, losses)
 
 
 def main() -> None:
@@ -163,10 +176,14 @@ def main() -> None:
     ap.add_argument("--augment", action="store_true", help="random scale/shift (default on with --teacher)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (they render and read the cache)")
     args = ap.parse_args()
 
-    images, targets = archive_tensors(args.archive, args.cache_dir)
-    eval_set = imagefolder_eval_set(args.eval, images.shape[-1]) if args.eval else mnist_eval_set()
+    from d3mfmt import D3MDataset
+
+    dataset = D3MDataset(args.archive, cache_dir=args.cache_dir)  # renders on first use, then reads its cache
+    side = dataset.archive.manifest.generator.height // dataset.grid
+    eval_set = imagefolder_eval_set(args.eval, side) if args.eval else mnist_eval_set()
     teacher = None
     if args.teacher:
         from builder.teacher_spec import resolve_teacher
@@ -176,8 +193,8 @@ def main() -> None:
                       augment=args.augment or teacher is not None, seed=args.seed)
     make_student = load_factory(args.student) if args.student else convnet
     protocol = "M (online teacher)" if teacher is not None else f"S (stored labels, {args.loss})"
-    print(f"{len(images)} patches, protocol {protocol}, {cfg.steps} steps of {cfg.batch}", file=sys.stderr)
-    acc = train(images, targets, eval_set, cfg, make_student, teacher)
+    print(f"{len(dataset)} patches, protocol {protocol}, {cfg.steps} steps of {cfg.batch}", file=sys.stderr)
+    acc = train_on(batches(dataset, cfg, args.workers), eval_set, cfg, make_student, teacher)
     print(f"held-out accuracy {100 * acc:.2f}%  protocol {protocol}  archive {args.archive}")
 
 

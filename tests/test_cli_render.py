@@ -15,7 +15,7 @@ def inspect(*args, cwd=None):
 
 
 def test_verify_passes_untouched_and_fails_on_a_tampered_fingerprint(tiny_archive_path, tmp_path):
-    ok = inspect(tiny_archive_path, "--verify", "--n", "3")
+    ok = inspect(tiny_archive_path, "--verify", "--verify-images", "3")
     assert ok.returncode == 0, ok.stderr
     assert "verify OK: 3 images, max drift 0" in ok.stdout
     a = d3mfmt.load_file(tiny_archive_path)
@@ -25,7 +25,7 @@ def test_verify_passes_untouched_and_fails_on_a_tampered_fingerprint(tiny_archiv
 
     bad = tmp_path / "tampered.d3m"
     d3mfmt.save_file(replace(a, fingerprints=prints), bad)
-    out = inspect(bad, "--verify", "--n", "3")
+    out = inspect(bad, "--verify", "--verify-images", "3")
     assert out.returncode == 1
     assert "class 0 (class 0) image 0: drift 40" in out.stdout and "verify FAILED" in out.stdout
     assert "Traceback" not in out.stderr
@@ -41,11 +41,11 @@ def test_verify_without_fingerprints_is_a_clear_error():
 
 def test_preview_writes_a_row_per_class(tiny_archive_path, tmp_path):
     png = tmp_path / "grid.png"
-    out = inspect(tiny_archive_path, "--preview", png, "--per-class", "3", "--classes", "0,c2", "--cache-dir", tmp_path)
+    out = inspect(tiny_archive_path, "--preview", png, "--per-class", "3", "--select", "0,c2", "--cache-dir", tmp_path)
     assert out.returncode == 0, out.stderr
     img = Image.open(png)
     assert img.size == (110 + 3 * 132, 2 * 132)
-    bad = inspect(tiny_archive_path, "--preview", png, "--classes", "zebra")
+    bad = inspect(tiny_archive_path, "--preview", png, "--select", "zebra")
     assert bad.returncode == 1 and "'zebra' is not a class" in bad.stderr
 
 

@@ -143,6 +143,8 @@ def test_bad_arguments_and_indices(tiny_archive_path, ds):
 
 
 def test_cuda_dataset_in_forked_worker_raises_clear_error(tiny_archive_path, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cuda", dtype="float32")
     monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
     with pytest.raises(D3MError, match="forked DataLoader worker"):

@@ -138,10 +138,25 @@ def test_no_guidance_renders_without_negative_prompt(archive):
 def test_cuda_in_forked_worker_names_the_fixes(monkeypatch):
     from d3mfmt.generator import check_device
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
     with pytest.raises(D3MError, match=r"materialize\(\).*num_workers=0.*spawn"):
         check_device("cuda")
     check_device("cpu")  # the CPU is always fine
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_or_bogus_devices_are_one_clear_error(archive):
+    from d3mfmt.generator import check_device, resolve_render_settings
+
+    for device, match in [("cuda", "cuda is not available on this machine"), ("cuda:3", "not available"),
+                          ("bogus", "'bogus' is not a rendering device"), ("meta", "not a rendering device"),
+                          ("", "not a rendering device")]:
+        with pytest.raises(D3MError, match=match):
+            check_device(device)
+    with pytest.raises(D3MError, match="not available"):  # before the model is looked up
+        resolve_render_settings(archive.manifest.generator, model="/no/such/model", device="cuda")
 
 
 def test_golden_vectors_name_a_model_this_package_resolves():

@@ -98,8 +98,8 @@ def test_validation_does_not_change_the_training_stream(pipe, collages):
     (dict(timesteps="late"), "timesteps must be one of uniform, stratified"),
 ])
 def test_bad_validation_settings_are_refused(bad, message):
-    from builder.build import BuildSettings, check_settings
+    from builder.build import check_settings, demo_settings
     from d3mfmt import D3MError
 
     with pytest.raises(D3MError, match=message):
-        check_settings(BuildSettings(inversion=InversionSettings(**bad)))
+        check_settings(demo_settings(inversion=InversionSettings(**bad)))

@@ -9,11 +9,15 @@ import torch
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-from train_student import TrainConfig, archive_tensors, convnet, evaluate, train  # noqa: E402
+from train_student import TrainConfig, batches, convnet, evaluate, train, train_on  # noqa: E402
 
 
 def test_student_loss_falls_on_archive_patches(tiny_archive_path, tmp_path):
-    images, targets = archive_tensors(str(tiny_archive_path), str(tmp_path))
+    from d3mfmt import D3MDataset
+
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path)
+    items = ds.__getitems__(range(len(ds)))
+    images, targets = torch.stack([x for x, _, _ in items]), torch.stack([p for _, p, _ in items])
     assert images.shape == (48, 3, 16, 16) and targets.shape == (48, 3)
     eval_set = (images, targets.argmax(1))
     for loss_kind in ("kd", "ce"):
@@ -48,3 +52,24 @@ def test_cli_names_the_protocol(tiny_archive_path, tmp_path):
                           "--eval", str(val), "--cache-dir", str(tmp_path / "c")], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "held-out accuracy" in out.stdout and "protocol S (stored labels, kd)" in out.stdout
+
+
+def test_training_reads_d3mdataset_through_a_dataloader(tiny_archive_path, tmp_path):
+    import numpy as np
+
+    from d3mfmt import D3MDataset
+
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, target_transform=lambda p: 2 * p)
+    stream = batches(ds, TrainConfig(batch=16, seed=0))
+    epoch = [next(stream) for _ in range(len(ds) // 16)]  # 48 patches: one shuffled epoch, every patch once
+    labels = torch.cat([p for _, p in epoch]).numpy()
+    stored = 2 * ds.archive.labels.dense()
+    assert labels.shape == stored.shape and np.allclose(labels.sum(1), 2)
+    assert np.array_equal(np.unique(labels, axis=0), np.unique(stored, axis=0))
+    assert torch.cat([x for x, _ in epoch]).shape == (48, 3, 16, 16)
+    losses = []
+    acc = train_on(batches(D3MDataset(tiny_archive_path, cache_dir=tmp_path), TrainConfig(batch=16)),
+                   (torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)), TrainConfig(steps=30, batch=16),
+                   make_student=lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, n)),
+                   progress=False, losses=losses)
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5]) and 0 <= acc <= 1

@@ -38,3 +38,18 @@ def make_imagefolder(root: Path, classes=("a_red", "b_green", "c_blue"), per_cla
             pixels[..., c] += 120
             Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i:03d}.png")
     return root
+
+
+def build_permuted_teacher():
+    """The right classifier with its logits in another order (blue, red, green): the class-order guard's case."""
+    teacher = ChannelTeacher(3)
+    return PermutedLogits(teacher, [2, 0, 1])
+
+
+class PermutedLogits(torch.nn.Module):
+    def __init__(self, inner, order):
+        super().__init__()
+        self.inner, self.order = inner, list(order)
+
+    def forward(self, x):
+        return self.inner(x)[:, self.order]

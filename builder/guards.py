@@ -1,0 +1,157 @@
+"""The build's two semantic guards: class order and model domain.
+
+1. **Class order.** Before any class is built, the teacher classifies a sample
+   of every class's real images. If the teacher takes some class folder
+   mostly for another class (its logits are in another order than the
+   folders: the field's most common silent failure), the build stops and
+   writes the class list that maximises agreement (an optimal assignment of
+   folders to logits) for the user to pass back with ``--classes``.
+2. **Model domain.** After a class is regenerated, the teacher's agreement
+   with the class on regenerated patches is compared with its agreement on the
+   selected real patches. Far below (d3mfmt.summary.low_agreement) means the model does not render this
+   class the way the teacher sees it; the archive would train poorly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from d3mfmt import ClassInfo, D3MError
+from d3mfmt.container import write_atomic
+from d3mfmt.summary import low_agreement
+
+ORDER_SAMPLE = 32  # real images per class the class-order check classifies
+ORDER_MISMATCH = 0.5  # a class is misordered when over half its images go to one other class ...
+ORDER_GAIN = 0.2  # ... and reordering the classes raises the overall agreement by 20 points or more
+
+
+@torch.no_grad()
+def teacher_confusion(source, teacher, side: int, device: str, per_class: int = ORDER_SAMPLE) -> np.ndarray:
+    """``[C, C]`` counts: row = class folder, column = the teacher's top-1 on its first ``per_class`` images."""
+    c_total = len(source.classes)
+    counts = np.zeros((c_total, c_total), dtype=np.int64)
+    for c in range(c_total):
+        pred = teacher(source.images(c, side=side, limit=per_class).to(device)).argmax(1).cpu().numpy()
+        counts[c] = np.bincount(pred, minlength=c_total)[:c_total]
+    return counts
+
+
+def best_assignment(score: np.ndarray) -> np.ndarray:
+    """``perm`` maximising ``sum(score[c, perm[c]])`` over permutations (Hungarian, O(C^3) worst case).
+
+    Shortest augmenting paths with potentials (Jonker-Volgenant); the inner
+    scan is vectorised, and near-diagonal matrices need short paths.
+    """
+    cost = -np.asarray(score, dtype=np.float64)
+    n = cost.shape[0]
+    u, v = np.zeros(n + 1), np.zeros(n + 1)
+    owner = np.zeros(n + 1, dtype=np.int64)  # owner[j]: row (1-based) assigned to column j
+    way = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        owner[0], j0 = i, 0
+        minv = np.full(n + 1, np.inf)
+        used = np.zeros(n + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = owner[j0]
+            free = ~used[1:]
+            reduced = cost[i0 - 1] - u[i0] - v[1:]
+            better = free & (reduced < minv[1:])
+            minv[1:][better] = reduced[better]
+            way[1:][better] = j0
+            masked = np.where(free, minv[1:], np.inf)
+            j1 = int(np.argmin(masked)) + 1
+            delta = masked[j1 - 1]
+            cols = np.nonzero(used)[0]
+            u[owner[cols]] += delta
+            v[cols] -= delta
+            minv[1:][free] -= delta
+            j0 = j1
+            if owner[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    perm = np.empty(n, dtype=np.int64)
+    perm[owner[1:] - 1] = np.arange(n)
+    return perm
+
+
+@dataclass(frozen=True)
+class OrderReport:
+    """What the class-order check found."""
+
+    counts: np.ndarray  # [C, C] teacher top-1 counts per class folder
+    perm: np.ndarray  # folder c -> the logit it best matches
+
+    @property
+    def agreement(self) -> np.ndarray:
+        return np.diag(self.counts) / np.maximum(self.counts.sum(1), 1)
+
+    @property
+    def gain(self) -> float:
+        """Overall agreement after the best reordering minus before."""
+        n = max(self.counts.sum(), 1)
+        return float(self.counts[np.arange(len(self.counts)), self.perm].sum() - np.trace(self.counts)) / n
+
+    def misordered(self) -> list[tuple[int, int, float]]:
+        """(folder, logit the teacher takes it for, share) where over half the images go to one other logit.
+
+        Empty unless a reordering fixes it (``gain`` >= ORDER_GAIN): a teacher that takes every
+        class for the same one is not misordered but unsuited, which the real agreement shows.
+        """
+        if self.gain < ORDER_GAIN:
+            return []
+        out = []
+        for c, row in enumerate(self.counts):
+            d = int(row.argmax())
+            share = row[d] / max(row.sum(), 1)
+            if d != c and share > ORDER_MISMATCH:
+                out.append((c, d, float(share)))
+        return out
+
+
+def check_class_order(counts: np.ndarray, classes: list[ClassInfo], suggestion: Path | None) -> OrderReport:
+    """Raise D3MError (after writing ``suggestion``) if the teacher's logits are in another class order.
+
+    Args:
+        counts: :func:`teacher_confusion`'s matrix.
+        classes: the build's classes, in archive (= teacher logit) order.
+        suggestion: where to write the class list that fixes the order (``None``: do not write one).
+    """
+    report = OrderReport(counts, best_assignment(counts))
+    bad = report.misordered()
+    if not bad:
+        return report
+    by_logit = np.argsort(report.perm)  # logit k <- folder by_logit[k]
+    lines = [f"{classes[c].id} {classes[c].name}" if classes[c].name != classes[c].id else classes[c].id
+             for c in by_logit]
+    shown = "; ".join(f"folder {classes[c].id!r} looks like class {d} ({classes[d].name!r}) "
+                      f"on {100 * share:.0f}% of its images" for c, d, share in bad[:5])
+    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+    fix = "pass --classes with the class list in the teacher's logit order"
+    if suggestion is not None:
+        write_atomic(suggestion, ("\n".join(lines) + "\n").encode(), durable=False)
+        before = np.trace(counts) / max(counts.sum(), 1)
+        fix = (f"the order that maximises agreement ({100 * (before + report.gain):.0f}% instead of "
+               f"{100 * before:.0f}%) is written to {suggestion}; check it and rerun with --classes {suggestion}")
+    raise D3MError(f"the teacher's classes are in another order than the data's: {shown}{more}. {fix} "
+                   "(or --ignore-class-order if this is intended). No archive was written.")
+
+
+def domain_problems(real: list[float | None], regenerated: list[float]) -> list[int]:
+    """Classes whose regenerated-patch agreement is far below the real one (or under 50 %): d3m-inspect's rule."""
+    return [c for c, (r, g) in enumerate(zip(real, regenerated)) if low_agreement(r, g)]
+
+
+def domain_message(name: str, real: float | None, regenerated: float) -> str:
+    """One sentence a user understands."""
+    real_text = "" if real is None else f" (real patches: {100 * real:.0f}%)"
+    return (f"class {name!r}: the teacher agrees with the class on {100 * regenerated:.0f}% of regenerated patches"
+            f"{real_text}; the model does not render this class's images the way your teacher sees them, "
+            "so the archive will train poorly; use a model that covers this data")

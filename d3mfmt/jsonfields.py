@@ -1,0 +1,199 @@
+"""Strict JSON for the manifest: one parse, then typed field access with the path in every error.
+
+``loads`` refuses what two JSON readers could read differently or what cannot
+be written back: NaN/Infinity literals, numbers that overflow to infinity
+(``1e999``), duplicate keys, unpaired surrogates (``"\\ud800"``) and nesting
+deeper than ``MAX_DEPTH``. ``check_tree`` applies the same rules to a document
+about to be written, so the writer never emits what the reader refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from .errors import D3MFormatError
+
+MAX_TEXT = 4096  # characters in a free-text field
+MAX_DEPTH = 32  # nesting of objects and arrays, counting the top level
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def loads(raw: bytes, where: str = "manifest.json"):
+    """UTF-8 JSON bytes -> a document without NaN, overflowing numbers or duplicate keys; raise D3MFormatError.
+
+    Follow it with ``check_tree`` (``Manifest.from_dict`` does).
+    """
+    try:
+        doc = json.loads(
+            str(raw, "utf-8"),  # bytes or a memoryview
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError, TypeError) as exc:
+        raise D3MFormatError(f"{where}: not valid UTF-8 JSON ({exc})"[:500]) from None
+    return doc
+
+
+def check_tree(doc, where: str = "manifest.json") -> None:
+    """Raise D3MFormatError for an unpaired surrogate, a non-finite number or too deep nesting anywhere in ``doc``.
+
+    Recursion is bounded by MAX_DEPTH, and a path string is built only for the
+    error, so a manifest of millions of tiny values costs no per-value memory.
+    """
+    _walk(doc, [], where)
+
+
+def _walk(node, path: list, where: str) -> None:
+    if len(path) >= MAX_DEPTH:
+        raise D3MFormatError(f"{where}: {_path(path)} nests deeper than {MAX_DEPTH} levels")
+    if isinstance(node, str):
+        if _SURROGATE.search(node):
+            _check_text(node, _path(path), where)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise D3MFormatError(f"{where}: {_path(path)} has a non-string key {key!r}"[:500])
+            path.append(key)
+            if _SURROGATE.search(key):
+                _check_text(key, _path(path), where)
+            if isinstance(value, (dict, list, tuple, str, float)) or value is not None and not isinstance(value, int):
+                _walk(value, path, where)
+            path.pop()
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            if isinstance(value, (dict, list, tuple, str, float)) or value is not None and not isinstance(value, int):
+                path.append(i)
+                _walk(value, path, where)
+                path.pop()
+    elif isinstance(node, float):
+        if not math.isfinite(node):
+            raise D3MFormatError(f"{where}: {_path(path)} must be a finite number, got {node!r}")
+    elif not (node is None or isinstance(node, int)):  # bool is an int
+        raise D3MFormatError(f"{where}: {_path(path)} holds a {type(node).__name__}, which JSON cannot store")
+
+
+def _path(parts: list) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "top level"
+
+
+def check_text(value: str, what: str) -> None:
+    """Raise D3MFormatError if ``value`` cannot be written as UTF-8 (an unpaired surrogate)."""
+    _check_text(value, what, "")
+
+
+def _check_text(value: str, path: str, where: str) -> None:
+    m = _SURROGATE.search(value)
+    if m:
+        prefix = f"{where}: " if where else ""
+        raise D3MFormatError(
+            f"{prefix}{path or 'a key'} contains the unpaired surrogate {m.group()!r}, which is not valid Unicode "
+            f"(a file or folder name that is not UTF-8? rename it); got {value!r}"[:500]
+        )
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range (not a finite double)")
+    return value
+
+
+def _unique_keys(pairs: list) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return doc
+
+
+class Fields:
+    """Typed access to one JSON object, with the field path in every error."""
+
+    def __init__(self, doc, where: str):
+        if not isinstance(doc, dict):
+            raise D3MFormatError(f"manifest.json: {where or 'top level'} must be an object, got {type(doc).__name__}")
+        self.doc, self.where = doc, where
+
+    def _path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _get(self, key: str, optional: bool):
+        if key not in self.doc:
+            if optional:
+                return None
+            raise D3MFormatError(f"manifest.json: missing required field {self._path(key)}")
+        value = self.doc[key]
+        if value is None and not optional:
+            raise D3MFormatError(f"manifest.json: {self._path(key)} must not be null")
+        return value
+
+    def _fail(self, key: str, wanted: str, value) -> D3MFormatError:
+        return D3MFormatError(f"manifest.json: {self._path(key)} must be {wanted}, got {value!r}"[:500])
+
+    def str(self, key: str, *, optional: bool = False, min_len: int = 1, max_len: int = MAX_TEXT):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not min_len <= len(value) <= max_len:
+            raise self._fail(key, f"a string of {min_len}..{max_len} characters", value)
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]):
+        value = self._get(key, False)
+        if value not in allowed:
+            raise self._fail(key, f"one of {list(allowed)}", value)
+        return value
+
+    def int(self, key: str, lo: int, hi: int, *, optional: bool = False):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self._fail(key, f"an integer in {lo}..{hi}", value)
+        return value
+
+    def num(self, key: str, lo: float, hi: float, *, optional: bool = False):
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and lo <= value <= hi):
+            raise self._fail(key, f"a number in [{lo}, {hi}]", value)
+        return float(value)
+
+    def int_list(self, key: str, length: int, lo: int, hi: int) -> list[int]:
+        value = self._get(key, False)
+        ok = isinstance(value, list) and len(value) == length
+        ok = ok and all(not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi for v in value)
+        if not ok:
+            raise self._fail(key, f"a list of {length} integers in {lo}..{hi}", value)
+        return value
+
+    def obj(self, key: str, *, optional: bool = False) -> "Fields | None":
+        value = self._get(key, optional)
+        return None if value is None else Fields(value, self._path(key))
+
+    def raw_obj(self, key: str, *, optional: bool = False) -> dict | None:
+        value = self._get(key, optional)
+        if value is not None and not isinstance(value, dict):
+            raise self._fail(key, "an object", value)
+        return value
+
+    def list_of_obj(self, key: str, lo: int, hi: int) -> list["Fields"]:
+        value = self._get(key, False)
+        if not isinstance(value, list) or not lo <= len(value) <= hi:
+            raise self._fail(key, f"a list of {lo}..{hi} objects", type(value).__name__)
+        return [Fields(v, f"{self._path(key)}[{i}]") for i, v in enumerate(value)]
+
+    def items(self):
+        return [(k, Fields(v, self._path(k))) for k, v in self.doc.items()]

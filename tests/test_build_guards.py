@@ -1,0 +1,171 @@
+"""Own data, safely: the class-order and model-domain guards, required model/teacher, option validation."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tiny_teacher import make_imagefolder
+
+import d3mfmt
+from builder.cli import main
+from builder.guards import best_assignment, check_class_order, domain_problems
+from d3mfmt import ClassInfo, D3MError
+
+
+def tiny_args(model):
+    return ["--model", str(model), "--teacher", "tiny_teacher:build_teacher", "--ipc", "1", "--grid", "2",
+            "--steps", "2", "--guidance", "2.0", "--template", "a photo of {token}", "--ti-steps", "2",
+            "--ti-batch", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("guards") / "train")
+
+
+def test_best_assignment_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 6):
+        for _ in range(20):
+            score = rng.integers(0, 20, (n, n))
+            perm = best_assignment(score)
+            assert sorted(perm.tolist()) == list(range(n))
+            best = max(sum(score[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+            assert score[np.arange(n), perm].sum() == best
+
+
+def test_class_order_rule_needs_a_permutation_that_fixes_it(tmp_path):
+    classes = [ClassInfo(f"f{i}", f"name{i}") for i in range(4)]
+    shifted = np.roll(np.eye(4, dtype=int) * 30, 1, axis=1) + 1  # folder c -> logit c+1
+    with pytest.raises(D3MError, match=r"folder 'f0' looks like class 1 \('name1'\)"):
+        check_class_order(shifted, classes, tmp_path / "x.classes.txt")
+    assert (tmp_path / "x.classes.txt").read_text().split("\n")[:4] == ["f3 name3", "f0 name0", "f1 name1", "f2 name2"]
+    # a teacher that takes every class for the same one is unsuited, not misordered: no permutation fixes it
+    collapsed = np.zeros((4, 4), int)
+    collapsed[:, 2] = 30
+    assert check_class_order(collapsed, classes, tmp_path / "y.txt").misordered() == []
+    assert not (tmp_path / "y.txt").exists()
+    assert check_class_order(np.eye(4, dtype=int) * 9, classes, None).agreement.tolist() == [1, 1, 1, 1]
+
+
+def test_permuted_teacher_stops_before_inversion_and_the_suggested_order_builds(tiny_model, data, tmp_path):
+    out = tmp_path / "x.d3m"
+    args = [str(data), "-o", str(out), *tiny_args(tiny_model)]
+    args[args.index("tiny_teacher:build_teacher")] = "tiny_teacher:build_permuted_teacher"
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "folder 'a_red' looks like class 1 ('b_green') on 100% of its images" in result.stderr
+    assert "--classes" in result.stderr and "Traceback" not in result.output
+    suggestion = tmp_path / "x.classes.txt"
+    assert suggestion.read_text() == "c_blue\na_red\nb_green\n"
+    assert not out.exists() and not (tmp_path / "x.d3m.work").exists()  # nothing built, nothing half-written
+    again = CliRunner().invoke(main, [*args, "--classes", str(suggestion)])
+    assert again.exit_code == 0, again.output
+    archive = d3mfmt.load_file(out)
+    assert [c.id for c in archive.manifest.dataset.classes] == ["c_blue", "a_red", "b_green"]
+    agreement = archive.manifest.build["agreement"]
+    assert set(agreement) == {"c_blue", "a_red", "b_green"} and all(v["real"] == 1.0 for v in agreement.values())
+    # the override builds the misordered archive when asked
+    forced = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "forced.d3m"), "--ignore-class-order"])
+    assert forced.exit_code == 0, forced.output
+
+
+def test_domain_guard_warns_records_and_min_agreement_fails(tiny_model, data, tmp_path):
+    # the tiny random model cannot render the coloured images: the teacher sees colour noise
+    out = tmp_path / "d.d3m"
+    result = CliRunner().invoke(main, [str(data), "-o", str(out), *tiny_args(tiny_model)])
+    assert result.exit_code == 0, result.output
+    build = d3mfmt.load_file(out).manifest.build
+    real = [build["agreement"][c]["real"] for c in ("a_red", "b_green", "c_blue")]
+    regen = [build["agreement"][c]["regenerated"] for c in ("a_red", "b_green", "c_blue")]
+    low = domain_problems(real, regen)
+    assert low, (real, regen)  # the premise of this test: some class renders far below its real agreement
+    assert f"WARNING: {len(low)} of 3 classes render poorly" in result.stderr
+    assert "the model does not render this class's images the way your teacher sees them" in result.stderr
+    assert np.isclose(build["regenerated_patch_agreement"], np.mean(regen), atol=1e-4)
+    # d3m-inspect shows the agreement and marks the same low classes
+    from d3mfmt.cli import inspect_main
+
+    shown = CliRunner().invoke(inspect_main, [str(out)])
+    assert shown.exit_code == 0 and f"of regenerated patches (selected real patches: {100 * np.mean(real):.1f}%)" in shown.output
+    assert f"LOW         {len(low)} of 3 classes render poorly" in shown.output
+    as_json = json.loads(CliRunner().invoke(inspect_main, [str(out), "--json"]).output)
+    assert [r["id"] for r in as_json["agreement"]["low"]] == [("a_red", "b_green", "c_blue")[c] for c in low]
+    # the same build with a threshold above a class's agreement: a clean failure, no archive
+    strict = tmp_path / "strict.d3m"
+    failed = CliRunner().invoke(main, [str(data), "-o", str(strict), *tiny_args(tiny_model),
+                                       "--min-agreement", str(min(regen) + 0.01)])
+    assert failed.exit_code == 1 and "below --min-agreement" in failed.stderr and "Traceback" not in failed.output
+    assert not strict.exists()
+
+
+def test_domain_rule():
+    assert domain_problems([1.0, 1.0, 0.4, None], [0.9, 0.45, 0.3, 0.6]) == [1, 2]
+    assert domain_problems([0.9], [0.44]) == [0]  # under half of the real agreement
+
+
+def test_real_data_needs_model_and_teacher(data, tmp_path):
+    result = CliRunner().invoke(main, [str(data), "-o", str(tmp_path / "x.d3m")])
+    assert result.exit_code == 1 and "needs --model and --teacher" in result.stderr
+    result = CliRunner().invoke(main, [str(data), "-o", str(tmp_path / "x.d3m"), "--model", "d3m/tiny-mnist"])
+    assert result.exit_code == 1 and "needs --teacher" in result.stderr
+    result = CliRunner().invoke(main, ["--demo", str(data), "-o", str(tmp_path / "x.d3m")])
+    assert result.exit_code == 1 and "drop DATA" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--ipc", "0", "--ipc must be >= 1, got 0"),
+    ("--steps", "0", "--steps must be >= 1, got 0"),
+    ("--resolution", "0", "--resolution must be >= 8, got 0"),
+    ("--max-images", "0", "--max-images must be >= 1, got 0"),
+    ("--n-crops", "-1", "--n-crops must be >= 1, got -1"),
+    ("--ti-steps", "-1", "--ti-steps must be >= 0, got -1"),
+    ("--ti-lr", "0", "--ti-lr must be a positive number"),
+    ("--ti-lr", "nan", "--ti-lr must be a positive number"),
+    ("--ti-batch", "0", "--ti-batch must be >= 1, got 0"),
+    ("--vectors", "0", "--vectors must be in 1..16"),
+    ("--guidance", "0.5", "--guidance must be >= 1"),
+    ("--grid", "9", "--grid must be in 1..8"),
+    ("--seed", "-1", "--seed must be in"),
+    ("--seed-candidates", "0", "--seed-candidates must be >= 1"),
+    ("--temperature", "0", "--temperature must be a positive number"),
+    ("--template", "no token", "--template must contain '{token}'"),
+    ("--min-agreement", "1.5", "--min-agreement must be a fraction"),
+    ("--k", "0", "label options (--labels, --k, --values) for 3 classes: labels.k must be in 1..3"),
+    ("--shard", "3/2", "--shard 3/2: need 0 <= i < n"),
+    ("--classes", "/nonexistent/classes.txt", "--classes /nonexistent/classes.txt"),
+])
+def test_every_bad_option_is_one_line_before_any_work(data, tmp_path, option, value, message):
+    out = tmp_path / "x.d3m"
+    result = CliRunner().invoke(main, [str(data), "-o", str(out), "--model", "d3m/tiny-mnist",
+                                       "--teacher", "tiny_teacher:build_teacher", option, value])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # no archive, no work directory, no class list
+
+
+def test_merge_is_its_own_action(tmp_path):
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "nope"), "-o", str(tmp_path / "x.d3m")])
+    assert result.exit_code == 1 and "not a d3m-build work directory" in result.stderr
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    assert "merge" in help_text and "build" in help_text
+
+
+def test_settings_record_the_resolved_model_defaults(tiny_model, data, tmp_path):
+    from builder.defaults import STABLE_DIFFUSION
+
+    wd = tmp_path / "x.d3m.work"
+    args = [str(data), "-o", str(tmp_path / "x.d3m"), "--model", str(tiny_model), "--teacher",
+            "tiny_teacher:build_teacher", "--ipc", "1", "--steps", "2", "--ti-steps", "1", "--shard", "0/3",
+            "--device", "cpu", "--template", "a photo of {token}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    settings = json.loads((wd / "settings.json").read_text())["settings"]
+    # a folder model is a Stable-Diffusion-family model: its defaults, and the UNet's native size
+    assert settings["guidance_scale"] == STABLE_DIFFUSION.guidance_scale
+    assert settings["inversion"]["lr"] == STABLE_DIFFUSION.ti_lr and settings["inversion"]["batch"] == STABLE_DIFFUSION.ti_batch
+    assert settings["inversion"]["steps"] == 1 and settings["resolution"] == 32
