@@ -12,17 +12,18 @@ from d3mfmt import D3MDataset, D3MError
 
 
 class RenderCounter:
-    """Counts images the dataset's regenerator renders (wraps the real render)."""
+    """Counts images (and calls) the dataset's regenerator renders (wraps the real render_pairs)."""
 
     def __init__(self, ds):
-        self.count, regen = 0, ds.regenerator
-        real = regen.render
+        self.count, self.calls, regen = 0, [], ds.regenerator
+        real = regen.render_pairs
 
-        def render(c, seeds):
-            self.count += len(seeds)
-            return real(c, seeds)
+        def render_pairs(pairs):
+            self.count += len(pairs)
+            self.calls.append(list(pairs))
+            return real(pairs)
 
-        regen.render = render
+        regen.render_pairs = render_pairs
 
 
 @pytest.fixture
@@ -56,7 +57,8 @@ def test_image_unit_returns_collages_with_all_patch_labels(tiny_archive_path, tm
 def test_getitems_is_one_batch_and_equals_getitem(ds):
     counter = RenderCounter(ds)
     batch = ds.__getitems__([0, 17, 33, 1])
-    assert counter.count == 3  # three distinct images, one render call per class
+    assert counter.count == 3  # three distinct images of three classes, in one render call
+    assert len(counter.calls) == 1 and sorted(c for c, _ in counter.calls[0]) == [0, 1, 2]
     for k, (image, label, cls) in zip([0, 17, 33, 1], batch):
         again = ds[k]
         assert torch.equal(image, again[0]) and torch.equal(label, again[1]) and cls == again[2]
