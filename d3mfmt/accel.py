@@ -73,8 +73,8 @@ def decode_latents(pipe, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
     redone = 0
     if not torch.isfinite(image).all():
         if vae.dtype == torch.float32:
-            raise D3MError("the VAE decoded non-finite pixels in float32: the model's VAE weights are broken; "
-                           "check the model files (d3m-inspect --verify compares against the archive)")
+            raise D3MError("the VAE decoded non-finite pixels in float32: the latents are out of range or the "
+                           "model's VAE weights are broken; check the model files and the archive's generator settings")
         warnings.warn(f"VAE decode overflowed in {vae.dtype}; redoing {len(latents)} images in float32", stacklevel=3)
         with _UPCAST_LOCK:
             before = vae.dtype
@@ -84,4 +84,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
             finally:
                 vae.to(before)
         redone = len(latents)
+        if not torch.isfinite(image).all():
+            raise D3MError("the VAE decoded non-finite pixels even in float32: the latents themselves are out of "
+                           f"range; render with dtype='float32' (this run used {latents.dtype})")
     return pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * len(image)), redone

@@ -47,6 +47,7 @@ DETERMINISTIC_SCHEDULERS = (
     "UniPCMultistepScheduler",
 )
 DEFAULT_RENDER_BATCH = 16  # images per pipeline call (D3MDataset, --verify, --preview)
+CPU_CALL_ROWS = 2  # images in every CPU pipeline call, whatever was asked for (see Regenerator.render_pairs)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _PIPELINES: dict[tuple[str, str, str, bool], "object"] = {}
@@ -102,9 +103,10 @@ def single_thread():
 
     Measured on this project's CPUs: with 2 threads the same image comes out
     different (by one 8-bit level in places) at batch sizes 1 and 3 than at 2,
-    4, 8 and 16, because the threads split reductions by batch shape; with one
-    thread every batch size, batch position and batch-mate gives identical
-    pixels. Parallelism on the CPU comes from DataLoader workers instead.
+    4, 8 and 16, because the threads split reductions by batch shape. One
+    thread is necessary but not enough: kernels still choose their blocking by
+    shape, which is why ``Regenerator.render_pairs`` also fixes the CPU batch
+    shape. Parallelism on the CPU comes from DataLoader workers instead.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -327,17 +329,29 @@ class Regenerator:
     def render_pairs(self, pairs) -> torch.Tensor:
         """Images for ``(class, seed)`` pairs of any classes, in one pipeline call.
 
-        Each row gets its own class's prompt embedding; on the CPU the pixels
-        of a pair do not depend on the batch it is rendered in.
+        Each row gets its own class's prompt embedding. On the CPU the pixels
+        of a pair do not depend on the batch it is asked for in: measured here,
+        CPU kernels (oneDNN convolutions, MKL matmuls) pick their blocking by
+        tensor shape, so the same image differs by one 8-bit level between
+        batch sizes even on one thread, while at one fixed shape every batch
+        position and batch-mate gives identical pixels. So the CPU renders
+        every call with exactly ``CPU_CALL_ROWS`` images on one thread, padding
+        the last call by repeating its final pair. CUDA renders the batch as
+        asked (throughput first; drift is what ``--verify`` measures).
         """
         check_device(self.device)
         pairs = [(int(c), int(s)) for c, s in pairs]
         if not pairs:
             return torch.empty((0, 3, self.info.height, self.info.width))
-        if torch.device(self.device).type == "cpu":
-            with single_thread():
-                return self._render(pairs)
-        return self._render(pairs)
+        if torch.device(self.device).type != "cpu":
+            return self._render(pairs)
+        out = []
+        with single_thread():
+            for start in range(0, len(pairs), CPU_CALL_ROWS):
+                chunk = pairs[start : start + CPU_CALL_ROWS]
+                padded = chunk + chunk[-1:] * (CPU_CALL_ROWS - len(chunk))
+                out.append(self._render(padded)[: len(chunk)])
+        return torch.cat(out)
 
     def _render(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
         info, n = self.info, len(pairs)

@@ -161,3 +161,25 @@ def test_concurrent_cache_writes_of_one_image_do_not_collide(ds):
         list(pool.map(lambda _: ds._write_cached(3, x), range(200)))
     assert torch.equal(ds._read_cached(3), x)
     assert not list(ds.cache_dir.glob(".*"))  # no temporary files left behind
+
+
+def test_materialize_fills_render_batches_across_classes_with_identical_pixels(tiny_archive_path, tmp_path):
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "a", device="cpu", render_batch=5)
+    counter = RenderCounter(ds)
+    ds.materialize(progress=False)
+    assert [len(call) for call in counter.calls] == [5, 5, 2]  # 12 images of 3 classes (IPC 4)
+    assert {c for c, _ in counter.calls[0]} == {0, 1}  # a batch spans classes
+    one = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "b", device="cpu", render_batch=1)
+    assert ds.cache_dir.name == one.cache_dir.name  # render_batch is not in the cache key
+    mixed, single = ds.images(range(12)), one.images(range(12))
+    assert all(torch.equal(mixed[k], single[k]) for k in range(12))
+
+
+def test_materialize_a_subset_of_images(tiny_archive_path, tmp_path):
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
+    counter = RenderCounter(ds)
+    ds.materialize(progress=False, images=[11, 0, 5, 5])
+    assert counter.count == 3 and sorted(p.name for p in ds.cache_dir.glob("*.npy")) == [
+        "000000_00000.npy", "000001_00001.npy", "000002_00003.npy"]
+    with pytest.raises(IndexError, match="image index 12 out of range"):
+        ds.materialize(progress=False, images=[12])
