@@ -47,7 +47,7 @@ def test_random_sd15_has_sd15_component_sizes():
 
 
 def test_toy_width_smoke_runs_the_same_code(tmp_path):
-    check_smoke(smoke(tmp_path, TINY, resolution=64), 32, [4, 32, 32])
+    check_smoke(smoke(tmp_path, TINY, resolution=32), 32, [4, 16, 16])
 
 
 @pytest.mark.slow
