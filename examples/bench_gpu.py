@@ -6,13 +6,14 @@ Usage:
 
 Full mode (CUDA, fp16): a randomly initialised pipeline of SD 1.5's
 architecture (examples/sd15_random.py), 512 px, 30 DDIM steps, guidance 4.
-Quick mode: the same family at toy widths on the CPU, 32 px, 2 steps. The
-numbers of the two modes are not comparable; the JSON records which ran.
+Quick mode: the same family at toy widths on the CPU (one thread for every
+row), 32 px, 2 steps. The numbers of the two modes are not comparable; the
+JSON records which ran.
 
 Measured, in this order (all in this one process):
 
 1. raw ``StableDiffusionPipeline`` images/s at each batch size (the plain
-   diffusers pipeline as a user loads it, torch's default threads);
+   diffusers pipeline as a user loads it; on the CPU on one thread);
 2. ``D3MDataset.materialize()`` images/s on a 100-class IPC-10 archive
    (render_batch 32, classes mixed in every batch), eager and with
    ``compile=True`` (after a warm-up batch, whose time is reported apart);
@@ -29,6 +30,7 @@ Measured, in this order (all in this one process):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -134,10 +136,15 @@ def bench_archive(pipe, model_dir: Path, s: BenchSettings, path: Path) -> Path:
 
 
 def raw_pipeline_rates(model_dir: Path, prompt, negative, s: BenchSettings) -> dict:
-    """Images/s of the plain diffusers pipeline (fp16 everywhere on CUDA, as users load it) by batch size."""
+    """Images/s of the plain diffusers pipeline (fp16 everywhere on CUDA, as users load it) by batch size.
+
+    On the CPU it runs on one thread, like D3MDataset: measured here, torch's
+    default 2 threads on a shared 2-core machine ran the same calls up to 20x
+    slower (threads waiting on each other), which would flatter the dataset.
+    """
     from diffusers import StableDiffusionPipeline
 
-    from d3mfmt.generator import DTYPES, _quiet_loading, initial_latents
+    from d3mfmt.generator import DTYPES, _quiet_loading, initial_latents, single_thread
 
     with _quiet_loading():
         pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=DTYPES[s.dtype], safety_checker=None,
@@ -154,14 +161,15 @@ def raw_pipeline_rates(model_dir: Path, prompt, negative, s: BenchSettings) -> d
                         num_inference_steps=s.steps, guidance_scale=s.guidance, eta=0.0, height=s.resolution,
                         width=s.resolution, output_type="pt").images
 
-    call(1)  # warm-up: kernels, allocator
     rates, nonfinite = {}, 0
-    for b in s.raw_batches:
-        calls = s.raw_calls_at_1 if b == 1 else 1
-        with Clock(s.device) as clock:
-            for _ in range(calls):
-                nonfinite += int((~torch.isfinite(call(b))).any(dim=(1, 2, 3)).sum())
-        rates[str(b)] = b * calls / clock.seconds
+    with single_thread() if torch.device(s.device).type == "cpu" else contextlib.nullcontext():
+        call(1)  # warm-up: kernels, allocator
+        for b in s.raw_batches:
+            calls = s.raw_calls_at_1 if b == 1 else 1
+            with Clock(s.device) as clock:
+                for _ in range(calls):
+                    nonfinite += int((~torch.isfinite(call(b))).any(dim=(1, 2, 3)).sum())
+            rates[str(b)] = b * calls / clock.seconds
     del pipe
     return {"rates": rates, "nonfinite_images": nonfinite}
 
@@ -252,7 +260,8 @@ def imagenet_hours(stages: dict, ti_steps_per_s: float, s: BenchSettings) -> dic
 def device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"CPU {platform.processor() or platform.machine()}, {n} thread{'' if n == 1 else 's'}"
 
 
 def peak_memory_gib(device: str) -> dict:
@@ -354,6 +363,8 @@ def main(argv=None) -> None:
         s = replace(s, compile=False)
     if torch.device(s.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --quick for the CPU smoke version")
+    if torch.device(s.device).type == "cpu":
+        torch.set_num_threads(1)  # every CPU row on one thread: comparable rows on a shared machine
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         result = run(s, Path(tmp), "quick" if args.quick else "full", log=lambda m: print(m, file=sys.stderr))
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True))
