@@ -273,3 +273,36 @@ def test_verify_renders_mixed_class_batches_with_the_same_drift(archive, regen):
     assert calls == [8, 4] + [1] * 12
     assert batched.images == single.images and np.array_equal(batched.drift, single.drift)
     assert batched.ok and int(batched.drift.max()) == 0
+
+
+def test_cuda_fast_path_settings_apply_to_a_pipeline(tiny_model):
+    """SDPA processors, channels-last and the fp32 VAE, applied as on CUDA (no CUDA op runs)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from d3mfmt.accel import prepare_pipeline, uses_fast_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, torch_dtype=torch.float16, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.unet.set_attn_processor(AttnProcessor())  # as if saved with the old processor
+    assert uses_fast_path("cuda:0") and not uses_fast_path("cpu")
+    prepare_pipeline(pipe, "cuda", "float16")
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16
+    cpu = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    prepare_pipeline(cpu, "cpu", "float32")  # the CPU fp32 path is left exactly as loaded
+    assert cpu.unet.conv_in.weight.is_contiguous() and cpu.vae.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_fp16_renders_within_the_verify_tolerance(archive, compile):
+    from d3mfmt.verify import verify
+
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, device="cuda", compile=compile)
+    assert regen.dtype == "float16"
+    report = verify(archive, regen, n=12)
+    assert report.ok, report.lines([c.name for c in archive.manifest.dataset.classes])
+    x = regen.render_pairs([(0, 1), (2, 2), (1, 3)])
+    assert torch.isfinite(x).all() and x.std() > 0.01
