@@ -154,7 +154,8 @@ class D3MDataset(torch.utils.data.Dataset):
         if self._cache_key is None:
             _, settings = resolve_render_settings(
                 self.archive.manifest.generator, model=self.model, device=self.device, dtype=self.dtype,
-                allow_model_mismatch=self.allow_model_mismatch, allow_download=self.allow_download, compile=self.compile,
+                allow_model_mismatch=self.allow_model_mismatch, allow_download=self.allow_download,
+                compile=self.compile,
             )
             parts = {"content_hash": self.archive.content_hash, **settings.key_parts()}
             self._cache_key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

@@ -313,7 +313,9 @@ class Regenerator:
     def prompt_embeds(self, c: int) -> torch.Tensor:
         """SPEC step 3: the class's prompt embedding ``[1, L, D']``, cached per class."""
         if c not in self._prompt_cache:
-            self._prompt_cache[c] = encode_class_prompt(self.pipe, self.info.prompt_template, self.info.placeholder, self.embeddings[c])
+            info = self.info
+            self._prompt_cache[c] = encode_class_prompt(self.pipe, info.prompt_template, info.placeholder,
+                                                        self.embeddings[c])
         return self._prompt_cache[c]
 
     def negative_embeds(self) -> torch.Tensor:

@@ -22,8 +22,11 @@ Measured, in this order (all in this one process):
    difference and the largest fingerprint difference (4x4, as ``--verify``);
 4. textual-inversion steps/s at batch 8 (a whole run's time, set-up included);
 5. the builder's seconds per class by stage (2 classes, the second timed),
-   extrapolated to ImageNet-1k IPC 10 with examples/build_imagenet_sd15.sh's
-   settings (1000 TI steps at batch 8, 300 images per class) in GPU-hours;
+   extrapolated to ImageNet-1k IPC 10 at the builder's Stable Diffusion
+   defaults (builder/defaults.py, what examples/build_imagenet_sd15.sh runs):
+   select scaled to ``PatchSettings.max_images`` real images, invert = the
+   default TI steps at the TI rate measured at the default TI batch, label
+   scaled to IPC 10 and to the default DDIM steps; in GPU-hours;
 6. peak GPU memory (CUDA) or peak RSS (CPU).
 """
 
@@ -48,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.sd15_random import SD15, TINY, TEACHER, SDConfig, build_random_sd, make_two_class_folder  # noqa: E402
 
-IMAGENET = {"classes": 1000, "ipc": 10, "ti_steps": 1000, "images_per_class": 300}  # build_imagenet_sd15.sh
+IMAGENET_CLASSES, IMAGENET_IPC = 1000, 10
 
 
 @dataclass(frozen=True)
@@ -216,13 +219,14 @@ def drift(archive, s: BenchSettings, compile: bool = False) -> dict:
     return out
 
 
-def ti_rate(pipe, s: BenchSettings) -> float:
-    """Textual-inversion steps/s at ``ti_batch``, after a 1-step warm-up run (set-up cost included: conservative)."""
+def ti_rate(pipe, s: BenchSettings, batch: int) -> float:
+    """Textual-inversion steps/s at ``batch``, after a 1-step warm-up run (set-up cost included: conservative)."""
+    from builder.defaults import STABLE_DIFFUSION
     from builder.inversion import InversionSettings, invert_class_token
 
-    collages = torch.rand((s.ti_batch, 3, s.resolution, s.resolution), generator=torch.Generator().manual_seed(0))
+    collages = torch.rand((batch, 3, s.resolution, s.resolution), generator=torch.Generator().manual_seed(0))
     for steps in (1, s.ti_steps):
-        settings = InversionSettings(steps=steps, batch=s.ti_batch)
+        settings = InversionSettings(steps=steps, batch=batch, lr=STABLE_DIFFUSION.ti_lr)
         with Clock(s.device) as clock:
             invert_class_token(pipe, collages, "object", "a photo of {token}", "{token}", settings,
                                torch.Generator().manual_seed(0))
@@ -241,20 +245,23 @@ def builder_seconds(model_dir: Path, work: Path, s: BenchSettings) -> dict:
         model=str(model_dir), teacher=TEACHER, ipc=s.build_ipc, grid=2, resolution=s.resolution, steps=s.steps,
         guidance_scale=s.guidance, prompt_template="a photo of {token}",
         patches=PatchSettings(n_crops=5, max_images=s.build_max_images),
-        inversion=InversionSettings(steps=s.build_ti_steps, batch=s.ti_batch),
+        inversion=InversionSettings(steps=s.build_ti_steps, batch=s.ti_batch),  # lr: the model's default
     )
     wd = build(ImageFolderSource(data), settings, work / "work", device=s.device, progress=False)
     return Workdir(wd.path).load_class(1)[1]["seconds"]
 
 
-def imagenet_hours(stages: dict, ti_steps_per_s: float, s: BenchSettings) -> dict:
-    """Per-class seconds at ImageNet-1k IPC-10 settings, and GPU-hours for 1000 classes."""
+def imagenet_hours(stages: dict, ti_steps_per_s_default_batch: float, s: BenchSettings) -> dict:
+    """Per-class seconds at ImageNet-1k IPC-10 with the builder's SD defaults, and GPU-hours for 1000 classes."""
+    from builder.defaults import STABLE_DIFFUSION
+    from builder.patches import PatchSettings
+
     per_class = {
-        "select": stages["select"] * IMAGENET["images_per_class"] / s.build_max_images,
-        "invert": IMAGENET["ti_steps"] / ti_steps_per_s,
-        "label": stages["label"] * IMAGENET["ipc"] / s.build_ipc,
+        "select": stages["select"] * PatchSettings().max_images / s.build_max_images,
+        "invert": STABLE_DIFFUSION.ti_steps / ti_steps_per_s_default_batch,
+        "label": stages["label"] * IMAGENET_IPC / s.build_ipc * STABLE_DIFFUSION.steps / s.steps,
     }
-    return {"seconds_per_class": per_class, "gpu_hours": sum(per_class.values()) * IMAGENET["classes"] / 3600}
+    return {"seconds_per_class": per_class, "gpu_hours": sum(per_class.values()) * IMAGENET_CLASSES / 3600}
 
 
 def device_name(device: str) -> str:
@@ -300,9 +307,12 @@ def run(s: BenchSettings, workdir: Path, mode: str, log=print) -> dict:
     drifts = drift(archive, s, compile=s.compile)
     log(f"drift: {drifts}")
     # 5. textual inversion, then a real 2-class build
-    ti = ti_rate(pipe, s)
+    from builder.defaults import STABLE_DIFFUSION
+
+    ti = ti_rate(pipe, s, s.ti_batch)
+    ti_default = ti if STABLE_DIFFUSION.ti_batch == s.ti_batch else ti_rate(pipe, s, STABLE_DIFFUSION.ti_batch)
     stages = builder_seconds(model_dir, workdir / "build", s)
-    hours = imagenet_hours(stages, ti, s)
+    hours = imagenet_hours(stages, ti_default, s)
     best_raw = max(raw["rates"].values())
     result = {
         "mode": mode,
@@ -318,6 +328,7 @@ def run(s: BenchSettings, workdir: Path, mode: str, log=print) -> dict:
         "max_fingerprint_drift": max(d["max_fingerprint_drift"] for d in drifts.values()),
         "drift": drifts,
         "ti_steps_per_s": ti,
+        "ti_steps_per_s_default_batch": {"batch": STABLE_DIFFUSION.ti_batch, "steps_per_s": ti_default},
         "builder_seconds_per_class": stages,
         "imagenet_ipc10_seconds_per_class": hours["seconds_per_class"],
         "imagenet_ipc10_gpu_hours": hours["gpu_hours"],
@@ -339,7 +350,9 @@ def table(r: dict) -> str:
     rows += [(f"  warm-up batch, {k} (s)", f"{v:.1f}") for k, v in r["dataset_warmup_s"].items()]
     rows += [("max 8-bit pixel diff across batches", str(r["max_pixel_diff_levels"])),
              ("max fingerprint drift (tolerance 8)", str(r["max_fingerprint_drift"])),
-             ("TI steps/s (batch 8)", f"{r['ti_steps_per_s']:.2f}")]
+             (f"TI steps/s (batch {r['settings']['ti_batch']})", f"{r['ti_steps_per_s']:.2f}"),
+             (f"TI steps/s (batch {r['ti_steps_per_s_default_batch']['batch']}, the builder's default)",
+              f"{r['ti_steps_per_s_default_batch']['steps_per_s']:.2f}")]
     rows += [(f"builder {k} (s/class, measured)", f"{v:.1f}") for k, v in r["builder_seconds_per_class"].items()]
     rows += [(f"ImageNet-1k IPC10 {k} (s/class)", f"{v:.1f}") for k, v in r["imagenet_ipc10_seconds_per_class"].items()]
     rows += [("ImageNet-1k IPC10 (GPU-hours)", f"{r['imagenet_ipc10_gpu_hours']:.1f}")]

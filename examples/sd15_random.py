@@ -72,7 +72,7 @@ def build_random_sd(folder: Path, config: SDConfig = SD15, seed: int = 0, dtype=
 
 
 def random_sd_pipeline(config: SDConfig = SD15, seed: int = 0):
-    """A StableDiffusionPipeline of ``config``'s sizes with random weights (under ``torch.device("meta")``: shapes only)."""
+    """A StableDiffusionPipeline of ``config``'s sizes, random weights (``torch.device("meta")``: shapes only)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -183,7 +183,7 @@ def smoke(out: Path, config: SDConfig = SD15, resolution: int = 256, steps: int 
     # 3. d3m-inspect --verify and --export-embeddings, in this process (the model is loaded once)
     t0 = time.perf_counter()
     common = [str(archive_path), "--device", device, "--cache-dir", str(out / "cache")]
-    verified = CliRunner().invoke(inspect_main, [*common, "--verify", "--n", "2"])
+    verified = CliRunner().invoke(inspect_main, [*common, "--verify", "--verify-images", "2"])
     times["verify_s"] = time.perf_counter() - t0
     exported = CliRunner().invoke(inspect_main, [*common, "--export-embeddings", str(out / "embeddings")])
     # 4. the exported files, loaded by diffusers' own textual-inversion loader

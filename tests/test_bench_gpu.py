@@ -16,7 +16,7 @@ from examples import bench_gpu  # noqa: E402
 
 KEYS = {"raw_images_per_s", "dataset_images_per_s", "max_pixel_diff_levels", "ti_steps_per_s",
         "imagenet_ipc10_gpu_hours", "device", "max_fingerprint_drift", "drift", "builder_seconds_per_class",
-        "imagenet_ipc10_seconds_per_class", "peak_rss_gib", "mode", "settings"}
+        "imagenet_ipc10_seconds_per_class", "peak_rss_gib", "mode", "settings", "ti_steps_per_s_default_batch"}
 
 MICRO = replace(bench_gpu.QUICK, resolution=16, raw_batches=(1, 2), raw_calls_at_1=1, classes=26, ipc=8,
                 render_batch=4, dataset_images=4, ti_batch=2, ti_steps=1, build_ipc=1, build_ti_steps=1,
@@ -43,11 +43,16 @@ def test_micro_run_has_every_json_key_and_a_table(tmp_path):
     assert "| raw pipeline, batch 2 (img/s)" in text and "ImageNet-1k IPC10 (GPU-hours)" in text
 
 
-def test_imagenet_extrapolation_scales_each_stage():
-    hours = bench_gpu.imagenet_hours({"select": 2.0, "invert": 99.0, "label": 3.0}, ti_steps_per_s=4.0,
-                                     s=replace(bench_gpu.FULL, build_max_images=20, build_ipc=5))
-    assert hours["seconds_per_class"] == {"select": 30.0, "invert": 250.0, "label": 6.0}
-    assert hours["gpu_hours"] == pytest.approx(286.0 * 1000 / 3600)
+def test_imagenet_extrapolation_scales_each_stage_to_the_builder_defaults():
+    from builder.defaults import STABLE_DIFFUSION
+    from builder.patches import PatchSettings
+
+    s = replace(bench_gpu.FULL, build_max_images=20, build_ipc=5, steps=30)
+    hours = bench_gpu.imagenet_hours({"select": 2.0, "invert": 99.0, "label": 3.0}, 4.0, s)
+    want = {"select": 2.0 * PatchSettings().max_images / 20, "invert": STABLE_DIFFUSION.ti_steps / 4.0,
+            "label": 3.0 * 10 / 5 * STABLE_DIFFUSION.steps / 30}
+    assert hours["seconds_per_class"] == pytest.approx(want)
+    assert hours["gpu_hours"] == pytest.approx(sum(want.values()) * 1000 / 3600)
 
 
 @pytest.mark.slow
