@@ -306,3 +306,12 @@ def test_cuda_fp16_renders_within_the_verify_tolerance(archive, compile):
     assert report.ok, report.lines([c.name for c in archive.manifest.dataset.classes])
     x = regen.render_pairs([(0, 1), (2, 2), (1, 3)])
     assert torch.isfinite(x).all() and x.std() > 0.01
+
+
+@pytest.mark.slow
+def test_compiled_unet_renders_on_the_cpu_within_tolerance(archive, regen):
+    """compile=True end to end (inductor on the CPU: about 2 minutes of compiling here)."""
+    compiled = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu", compile=True)
+    pairs = [(0, 1), (1, 2), (2, 3), (0, 4)]
+    x, y = compiled.render_pairs(pairs), regen.render_pairs(pairs)
+    assert int((x - y).abs().max() * 255) <= 1  # measured here: 0
