@@ -29,23 +29,12 @@ import torch
 
 from . import accel
 from .devices import check_device
+from .schedulers import PIPELINES, check_scheduler_config
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
 from .models import model_identity, resolve_model
 from .prompts import SLOT_TOKEN, encode_class_prompt, encode_text, placeholder_prompt, slot_ids, token_ids  # noqa: F401
 
-# Schedulers whose sampling is fully defined by the initial latents (no fresh
-# noise per step). Ancestral and SDE samplers would make seeds meaningless.
-DETERMINISTIC_SCHEDULERS = (
-    "DDIMScheduler",
-    "DPMSolverMultistepScheduler",
-    "DEISMultistepScheduler",
-    "EulerDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "LMSDiscreteScheduler",
-    "PNDMScheduler",
-    "UniPCMultistepScheduler",
-)
 DEFAULT_RENDER_BATCH = 16  # images per pipeline call (D3MDataset, --verify, --preview)
 CPU_CALL_ROWS = 2  # images in every CPU pipeline call, whatever was asked for (see Regenerator.render_pairs)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -218,18 +207,11 @@ def resolve_render_settings(
     Raises D3MError for a non-deterministic scheduler or unknown dtype, and
     D3MModelError when the model is missing or differs from the pinned identity.
     """
-    if generator.pipeline != "StableDiffusionPipeline":
+    # the reader's rules, also for a GeneratorInfo made in code: pipeline, deterministic scheduler, config
+    if generator.pipeline not in PIPELINES:
         raise D3MError(f"generator.pipeline {generator.pipeline!r} is not supported; this version renders "
-                       "'StableDiffusionPipeline' archives (SD 1.x/2.x)")
-    if generator.scheduler not in DETERMINISTIC_SCHEDULERS:
-        raise D3MError(
-            f"scheduler {generator.scheduler!r} is not a deterministic (non-ancestral) scheduler; "
-            f"supported: {list(DETERMINISTIC_SCHEDULERS)}"
-        )
-    algorithm = str(generator.scheduler_config.get("algorithm_type", ""))
-    if algorithm.startswith("sde"):
-        raise D3MError(f"scheduler config algorithm_type {algorithm!r} draws fresh noise every step; "
-                       "seeds would not determine the images (use a non-SDE algorithm_type)")
+                       f"{list(PIPELINES)} archives (SD 1.x/2.x)")
+    check_scheduler_config(generator.scheduler, generator.scheduler_config, generator.steps)
     device = device or default_device()
     check_device(device)
     dtype = dtype or default_dtype(device)
