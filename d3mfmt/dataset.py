@@ -41,6 +41,7 @@ from .archive import Archive, load_file
 from .container import write_atomic
 from .errors import D3MError
 from .generator import (
+    DEFAULT_RENDER_BATCH,
     Regenerator,
     check_device,
     default_device,
@@ -52,7 +53,6 @@ from .models import identity_cache_dir
 from .sources import resolve_archive
 
 UNITS = ("patch", "image")
-DEFAULT_RENDER_BATCH = 16
 _MEMORY_IMAGES = 256  # decoded images kept per process
 _DIGEST = 32  # sha256 of the .npy bytes, appended to every cache file
 
@@ -71,11 +71,12 @@ class D3MDataset(torch.utils.data.Dataset):
             or ``~/.cache/d3mfmt``, subfolder ``images``).
         model: model id or directory overriding the archive's (see Regenerator).
         device, dtype: rendering device and dtype (CUDA+fp16 when available, else CPU+fp32).
-        render_batch: images per generation call.
+        render_batch: images per generation call; a call mixes classes to fill it.
         allow_model_mismatch: render even if the model differs from the pinned one.
         allow_download: fetch an archive (hub id or URL) or a hub model missing
             from the local caches; off by default.
         sha256: expected sha256 of the archive file (instead of a URL fragment).
+        compile: ``torch.compile`` the UNet (off by default; see Regenerator).
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class D3MDataset(torch.utils.data.Dataset):
         allow_model_mismatch: bool = False,
         allow_download: bool = False,
         sha256: str | None = None,
+        compile: bool = False,
     ):
         if unit not in UNITS:
             raise D3MError(f"unit must be one of {list(UNITS)}, got {unit!r}")
@@ -102,6 +104,7 @@ class D3MDataset(torch.utils.data.Dataset):
         self.unit, self.transform, self.render_batch = unit, transform, render_batch
         self.target_transform = target_transform
         self.model, self.allow_model_mismatch, self.allow_download = model, allow_model_mismatch, allow_download
+        self.compile = bool(compile)
         self.device = device or default_device()
         check_device(self.device)
         self.dtype = dtype or default_dtype(self.device)
@@ -141,6 +144,7 @@ class D3MDataset(torch.utils.data.Dataset):
                 dtype=self.dtype,
                 allow_model_mismatch=self.allow_model_mismatch,
                 allow_download=self.allow_download,
+                compile=self.compile,
             )
         return self._regen
 
@@ -151,6 +155,7 @@ class D3MDataset(torch.utils.data.Dataset):
             _, settings = resolve_render_settings(
                 self.archive.manifest.generator, model=self.model, device=self.device, dtype=self.dtype,
                 allow_model_mismatch=self.allow_model_mismatch, allow_download=self.allow_download,
+                compile=self.compile,
             )
             parts = {"content_hash": self.archive.content_hash, **settings.key_parts()}
             self._cache_key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -166,7 +171,7 @@ class D3MDataset(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices) -> list:
-        """A whole batch in one go: missing images of a class render in one call."""
+        """A whole batch in one go: its missing images render together, ``render_batch`` per call."""
         g2 = self.grid * self.grid
         indices = [self._check_index(i) for i in indices]
         images = self.images({(i // g2 if self.unit == "patch" else i) for i in indices})
@@ -195,6 +200,12 @@ class D3MDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
         return index
 
+    def _check_image(self, index) -> int:
+        index, total = int(index), self.num_classes * self.ipc
+        if not 0 <= index < total:
+            raise IndexError(f"image index {index} out of range for an archive of {total} images")
+        return index
+
     # -- rendering and caching ------------------------------------------------
 
     def images(self, image_indices) -> dict[int, torch.Tensor]:
@@ -208,24 +219,24 @@ class D3MDataset(torch.utils.data.Dataset):
                 missing.append(idx)
             else:
                 out[idx] = self._remember(idx, x)
-        by_class: dict[int, list[int]] = {}
-        for idx in missing:
-            by_class.setdefault(idx // self.ipc, []).append(idx)
-        for c, idxs in by_class.items():
-            for start in range(0, len(idxs), self.render_batch):
-                chunk = idxs[start : start + self.render_batch]
-                seeds = [int(self.archive.seeds[c, idx % self.ipc]) for idx in chunk]
-                rendered = self.regenerator.render(c, seeds)
-                for idx, x in zip(chunk, rendered):
-                    self._write_cached(idx, x)
-                    out[idx] = self._remember(idx, x)
+        for start in range(0, len(missing), self.render_batch):  # classes mixed: full batches at any IPC
+            chunk = missing[start : start + self.render_batch]
+            pairs = [(idx // self.ipc, int(self.archive.seeds[idx // self.ipc, idx % self.ipc])) for idx in chunk]
+            rendered = self.regenerator.render_pairs(pairs)
+            for idx, x in zip(chunk, rendered):
+                self._write_cached(idx, x)
+                out[idx] = self._remember(idx, x)
         return out
 
-    def materialize(self, progress: bool = True) -> "D3MDataset":
-        """Render every image into the cache now (a tqdm bar on stderr); returns self."""
+    def materialize(self, progress: bool = True, images=None) -> "D3MDataset":
+        """Render every image (or the image indices ``images``) into the cache now; returns self.
+
+        Progress is a tqdm bar on stderr; batches of ``render_batch`` span classes.
+        """
         from tqdm.auto import tqdm
 
-        todo = [i for i in range(self.num_classes * self.ipc) if not self._cache_path(i).is_file()]
+        wanted = range(self.num_classes * self.ipc) if images is None else sorted({self._check_image(i) for i in images})
+        todo = [i for i in wanted if not self._cache_path(i).is_file()]
         with tqdm(total=len(todo), desc="rendering", unit="img", disable=not progress or not todo) as bar:
             for start in range(0, len(todo), self.render_batch):
                 chunk = todo[start : start + self.render_batch]

@@ -124,10 +124,11 @@ def preview_grid(dataset, classes: list[int], per_class: int = 8, cell: int = 12
     sheet = Image.new("RGB", (label_w + per_class * (cell + 4), len(classes) * (cell + 4)), "white")
     draw = ImageDraw.Draw(sheet)
     names = dataset.classes
+    # every shown image in one request: the dataset fills render batches across classes
+    images = dataset.images([c * dataset.ipc + i for c in classes for i in range(per_class)])
     for row, c in enumerate(classes):
         y = row * (cell + 4)
         draw.text((4, y + cell // 2 - 6), f"{c}: {names[c]}"[:18], fill="black", font=font)
-        images = dataset.images([c * dataset.ipc + i for i in range(per_class)])
         for col in range(per_class):
             idx = c * dataset.ipc + col
             tile = _to_pil(images[idx]).resize((cell, cell), Image.NEAREST)

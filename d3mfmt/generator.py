@@ -13,6 +13,8 @@ Example:
     >>> regen = Regenerator(archive.manifest.generator, archive.embeddings)  # doctest: +SKIP
     >>> regen.render(7, archive.seeds[7].tolist()).shape            # doctest: +SKIP
     torch.Size([2, 3, 64, 64])
+    >>> regen.render_pairs([(0, 11), (7, 12), (3, 13)]).shape       # doctest: +SKIP
+    torch.Size([3, 3, 64, 64])
 """
 
 from __future__ import annotations
@@ -25,28 +27,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import accel
 from .devices import check_device
+from .schedulers import PIPELINES, check_scheduler_config
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
 from .models import model_identity, resolve_model
+from .prompts import SLOT_TOKEN, encode_class_prompt, encode_text, placeholder_prompt, slot_ids, token_ids  # noqa: F401
 
-# Schedulers whose sampling is fully defined by the initial latents (no fresh
-# noise per step). Ancestral and SDE samplers would make seeds meaningless.
-DETERMINISTIC_SCHEDULERS = (
-    "DDIMScheduler",
-    "DPMSolverMultistepScheduler",
-    "DEISMultistepScheduler",
-    "EulerDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "LMSDiscreteScheduler",
-    "PNDMScheduler",
-    "UniPCMultistepScheduler",
-)
-SLOT_TOKEN = "<d3m-slot-{}>"  # placeholder tokens shared by all classes (see _encode_prompt)
+DEFAULT_RENDER_BATCH = 16  # images per pipeline call (D3MDataset, --verify, --preview)
+CPU_CALL_ROWS = 2  # images in every CPU pipeline call, whatever was asked for (see Regenerator.render_pairs)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-_PIPELINES: dict[tuple[str, str, str], "object"] = {}
-_PIPELINES_LOCK = threading.Lock()
+_PIPELINES: dict[tuple[str, str, str, bool], "object"] = {}
+_PIPELINES_LOCK = threading.RLock()
 
 
 def default_device() -> str:
@@ -59,14 +53,24 @@ def default_dtype(device: str) -> str:
     return "float16" if torch.device(device).type == "cuda" else "float32"
 
 
-def shared_pipeline(path, identity: str, device: str, dtype: str):
-    """The process-wide StableDiffusionPipeline for (identity, device, dtype)."""
+def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool = False):
+    """The process-wide StableDiffusionPipeline for (identity, device, dtype, compile).
+
+    On CUDA the fast path of ``d3mfmt.accel`` is applied once, at load. A
+    compiled pipeline shares the eager one's modules, its UNet wrapped in
+    ``torch.compile``.
+    """
     from diffusers import StableDiffusionPipeline
 
-    key = (identity, str(torch.device(device)), dtype)
+    key = (identity, str(torch.device(device)), dtype, bool(compile))
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)
-        if pipe is None:
+        if pipe is None and compile:
+            eager = shared_pipeline(path, identity, device, dtype)
+            pipe = _with_scheduler(eager, type(eager.scheduler).__name__, dict(eager.scheduler.config),
+                                   unet=accel.compiled_unet(eager.unet))
+            _PIPELINES[key] = pipe
+        elif pipe is None:
             with _quiet_loading():
                 # torch_dtype: the spelling every supported diffusers accepts (newer ones also take dtype=)
                 pipe = StableDiffusionPipeline.from_pretrained(
@@ -77,6 +81,7 @@ def shared_pipeline(path, identity: str, device: str, dtype: str):
             pipe.set_progress_bar_config(disable=True)
             for module in (pipe.unet, pipe.vae, pipe.text_encoder):
                 module.requires_grad_(False)  # frozen: consumers never train, the builder only learns token rows
+            accel.prepare_pipeline(pipe, device, dtype)
             _PIPELINES[key] = pipe
     return pipe
 
@@ -87,9 +92,10 @@ def single_thread():
 
     Measured on this project's CPUs: with 2 threads the same image comes out
     different (by one 8-bit level in places) at batch sizes 1 and 3 than at 2,
-    4, 8 and 16, because the threads split reductions by batch shape; with one
-    thread every batch size, batch position and batch-mate gives identical
-    pixels. Parallelism on the CPU comes from DataLoader workers instead.
+    4, 8 and 16, because the threads split reductions by batch shape. One
+    thread is necessary but not enough: kernels still choose their blocking by
+    shape, which is why ``Regenerator.render_pairs`` also fixes the CPU batch
+    shape. Parallelism on the CPU comes from DataLoader workers instead.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -165,12 +171,13 @@ class RenderSettings:
     model_identity: str
     device: str
     dtype: str
+    compile: bool = False
 
     def key_parts(self) -> dict:
         import diffusers
         import transformers
 
-        return {
+        parts = {
             "model_identity": self.model_identity,
             "device": torch.device(self.device).type,
             "dtype": self.dtype,
@@ -180,6 +187,9 @@ class RenderSettings:
             "tokenizers": _version_of("tokenizers"),
             "rule": "d3m-1-8bit-sha256",  # the cache file layout (dataset.py) is part of the key
         }
+        if self.compile:  # compiled kernels may round differently: never share eager pixels
+            parts["compile"] = True
+        return parts
 
 
 def resolve_render_settings(
@@ -190,24 +200,18 @@ def resolve_render_settings(
     dtype: str | None = None,
     allow_model_mismatch: bool = False,
     allow_download: bool = False,
+    compile: bool = False,
 ):
     """(model folder, RenderSettings) for an archive's generator, without loading the model.
 
     Raises D3MError for a non-deterministic scheduler or unknown dtype, and
     D3MModelError when the model is missing or differs from the pinned identity.
     """
-    if generator.pipeline != "StableDiffusionPipeline":
+    # the reader's rules, also for a GeneratorInfo made in code: pipeline, deterministic scheduler, config
+    if generator.pipeline not in PIPELINES:
         raise D3MError(f"generator.pipeline {generator.pipeline!r} is not supported; this version renders "
-                       "'StableDiffusionPipeline' archives (SD 1.x/2.x)")
-    if generator.scheduler not in DETERMINISTIC_SCHEDULERS:
-        raise D3MError(
-            f"scheduler {generator.scheduler!r} is not a deterministic (non-ancestral) scheduler; "
-            f"supported: {list(DETERMINISTIC_SCHEDULERS)}"
-        )
-    algorithm = str(generator.scheduler_config.get("algorithm_type", ""))
-    if algorithm.startswith("sde"):
-        raise D3MError(f"scheduler config algorithm_type {algorithm!r} draws fresh noise every step; "
-                       "seeds would not determine the images (use a non-SDE algorithm_type)")
+                       f"{list(PIPELINES)} archives (SD 1.x/2.x)")
+    check_scheduler_config(generator.scheduler, generator.scheduler_config, generator.steps)
     device = device or default_device()
     check_device(device)
     dtype = dtype or default_dtype(device)
@@ -223,7 +227,7 @@ def resolve_render_settings(
             f"has {identity}; use the pinned weights, or pass allow_model_mismatch=True "
             "(d3m-inspect: --allow-model-mismatch) to render anyway and check drift with --verify"
         )
-    return path, RenderSettings(identity, device, dtype)
+    return path, RenderSettings(identity, device, dtype, bool(compile))
 
 
 class Regenerator:
@@ -238,6 +242,8 @@ class Regenerator:
         allow_model_mismatch: render even if the model's content hash differs
             from the one the archive pins (the labels may then not describe the pixels).
         allow_download: fetch a hub model missing from the local cache.
+        compile: ``torch.compile`` the UNet (off by default; the first call per
+            batch shape compiles, minutes on a GPU; see ``d3mfmt.accel``).
     """
 
     def __init__(
@@ -250,23 +256,25 @@ class Regenerator:
         dtype: str | None = None,
         allow_model_mismatch: bool = False,
         allow_download: bool = False,
+        compile: bool = False,
     ):
         # 1. check inputs; resolve the model and compare it with the archive's pin
         self.info = generator
         self.model_path, self.settings = resolve_render_settings(
             generator, model=model, device=device, dtype=dtype,
-            allow_model_mismatch=allow_model_mismatch, allow_download=allow_download,
+            allow_model_mismatch=allow_model_mismatch, allow_download=allow_download, compile=compile,
         )
         self.device, self.dtype = self.settings.device, self.settings.dtype
         check_device(self.device)
         identity = self.settings.model_identity
         # 2. a pipeline of our own scheduler over the shared components
-        shared = shared_pipeline(self.model_path, identity, self.device, self.dtype)
+        shared = shared_pipeline(self.model_path, identity, self.device, self.dtype, self.settings.compile)
         self.pipe = _with_scheduler(shared, generator.scheduler, generator.scheduler_config)
         self._check_embeddings(embeddings)
         self.embeddings = embeddings
         self._prompt_cache: dict[int, torch.Tensor] = {}
         self._negative: torch.Tensor | None = None
+        self.fp32_redecodes = 0  # images whose low-precision decode was not finite and was redone in fp32
 
     def _check_embeddings(self, embeddings: np.ndarray) -> None:
         info, pipe = self.info, self.pipe
@@ -287,32 +295,56 @@ class Regenerator:
     def prompt_embeds(self, c: int) -> torch.Tensor:
         """SPEC step 3: the class's prompt embedding ``[1, L, D']``, cached per class."""
         if c not in self._prompt_cache:
-            self._prompt_cache[c] = _encode_prompt(self.pipe, self.info, self.embeddings[c])
+            info = self.info
+            self._prompt_cache[c] = encode_class_prompt(self.pipe, info.prompt_template, info.placeholder,
+                                                        self.embeddings[c])
         return self._prompt_cache[c]
 
     def negative_embeds(self) -> torch.Tensor:
         if self._negative is None:
-            self._negative = _encode_text(self.pipe, self.info.negative_prompt)
+            self._negative = encode_text(self.pipe, self.info.negative_prompt)
         return self._negative
 
-    @torch.no_grad()
     def render(self, c: int, seeds) -> torch.Tensor:
         """Images of class ``c`` for ``seeds``: float32 ``[B, 3, H, W]`` on the CPU, 8-bit levels."""
-        check_device(self.device)
-        if torch.device(self.device).type == "cpu":
-            with single_thread():
-                return self._render(c, seeds)
-        return self._render(c, seeds)
+        return self.render_pairs([(c, s) for s in seeds])
 
-    def _render(self, c: int, seeds) -> torch.Tensor:
-        info = self.info
-        seeds = list(seeds)
-        latents = initial_latents(seeds, info.latent_shape).to(self.device, DTYPES[self.dtype])
-        prompt = self.prompt_embeds(c).expand(len(seeds), -1, -1)
+    @torch.no_grad()
+    def render_pairs(self, pairs) -> torch.Tensor:
+        """Images for ``(class, seed)`` pairs of any classes, in one pipeline call.
+
+        Each row gets its own class's prompt embedding. On the CPU the pixels
+        of a pair do not depend on the batch it is asked for in: measured here,
+        CPU kernels (oneDNN convolutions, MKL matmuls) pick their blocking by
+        tensor shape, so the same image differs by one 8-bit level between
+        batch sizes even on one thread, while at one fixed shape every batch
+        position and batch-mate gives identical pixels. So the CPU renders
+        every call with exactly ``CPU_CALL_ROWS`` images on one thread, padding
+        the last call by repeating its final pair. CUDA renders the batch as
+        asked (throughput first; drift is what ``--verify`` measures).
+        """
+        check_device(self.device)
+        pairs = [(int(c), int(s)) for c, s in pairs]
+        if not pairs:
+            return torch.empty((0, 3, self.info.height, self.info.width))
+        if torch.device(self.device).type != "cpu":
+            return self._render(pairs)
+        out = []
+        with single_thread():
+            for start in range(0, len(pairs), CPU_CALL_ROWS):
+                chunk = pairs[start : start + CPU_CALL_ROWS]
+                padded = chunk + chunk[-1:] * (CPU_CALL_ROWS - len(chunk))
+                out.append(self._render(padded)[: len(chunk)])
+        return torch.cat(out)
+
+    def _render(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        info, n = self.info, len(pairs)
+        latents = initial_latents([s for _, s in pairs], info.latent_shape).to(self.device, DTYPES[self.dtype])
+        prompt = torch.cat([self.prompt_embeds(c) for c, _ in pairs])
         kwargs = {}
         if info.guidance_scale > 1:
-            kwargs["negative_prompt_embeds"] = self.negative_embeds().expand(len(seeds), -1, -1)
-        out = self.pipe(
+            kwargs["negative_prompt_embeds"] = self.negative_embeds().expand(n, -1, -1)
+        latents = self.pipe(
             prompt_embeds=prompt,
             latents=latents,
             num_inference_steps=info.steps,
@@ -320,14 +352,21 @@ class Regenerator:
             eta=0.0,
             height=info.height,
             width=info.width,
-            output_type="pt",
+            output_type="latent",
             **kwargs,
-        )
-        return quantize_8bit(out.images.to("cpu"))
+        ).images
+        if not torch.isfinite(latents).all():
+            raise D3MError(
+                f"the UNet produced non-finite latents in {self.dtype} on {self.device} (numeric overflow); "
+                "render with dtype='bfloat16' or dtype='float32'"
+            )
+        images, redone = accel.decode_latents(self.pipe, latents)
+        self.fp32_redecodes += redone
+        return quantize_8bit(images.to("cpu"))
 
 
-def _with_scheduler(shared, scheduler: str, config: dict):
-    """A pipeline over ``shared``'s modules with the archive's own scheduler."""
+def _with_scheduler(shared, scheduler: str, config: dict, unet=None):
+    """A pipeline over ``shared``'s modules with the archive's own scheduler (and optionally another UNet)."""
     import diffusers
 
     sched = getattr(diffusers, scheduler).from_config(config)
@@ -335,7 +374,7 @@ def _with_scheduler(shared, scheduler: str, config: dict):
         vae=shared.vae,
         text_encoder=shared.text_encoder,
         tokenizer=shared.tokenizer,
-        unet=shared.unet,
+        unet=shared.unet if unet is None else unet,
         scheduler=sched,
         safety_checker=None,
         feature_extractor=None,
@@ -343,51 +382,3 @@ def _with_scheduler(shared, scheduler: str, config: dict):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-_TEXT_LOCK = threading.Lock()
-
-
-def slot_ids(pipe, n: int) -> list[int]:
-    """Ids of the first ``n`` placeholder slot tokens, adding any that are missing."""
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    names = [SLOT_TOKEN.format(v) for v in range(n)]
-    missing = [t for t in names if t not in tok.get_vocab()]
-    if missing:
-        tok.add_tokens(missing)
-        enc.resize_token_embeddings(len(tok), mean_resizing=False)  # rows are overwritten before use
-    return tok.convert_tokens_to_ids(names)
-
-
-def token_ids(pipe, text: str) -> torch.Tensor:
-    """``[1, L]`` ids padded to the tokenizer's maximum length (SPEC step 3)."""
-    tok = pipe.tokenizer
-    ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return ids.to(pipe.text_encoder.device)
-
-
-def placeholder_prompt(pipe, template: str, placeholder: str, n_vectors: int) -> tuple[torch.Tensor, list[int]]:
-    """(``[1, L]`` ids of the template with ``n_vectors`` slot tokens, the slot ids)."""
-    ids = slot_ids(pipe, n_vectors)
-    slots = " ".join(SLOT_TOKEN.format(v) for v in range(n_vectors))
-    return token_ids(pipe, template.replace(placeholder, slots)), ids
-
-
-def _encode_text(pipe, text: str) -> torch.Tensor:
-    return pipe.text_encoder(token_ids(pipe, text))[0]
-
-
-@torch.no_grad()
-def _encode_prompt(pipe, info: GeneratorInfo, vectors: np.ndarray) -> torch.Tensor:
-    """The prompt embedding with the class's vectors in the placeholder slots.
-
-    The slot tokens are added once to the shared tokenizer; their input rows are
-    overwritten with this class's vectors just before encoding (under a lock),
-    which is what loading a textual-inversion embedding and encoding the prompt
-    does, without growing the vocabulary by one token per class.
-    """
-    with _TEXT_LOCK:
-        ids, slots = placeholder_prompt(pipe, info.prompt_template, info.placeholder, len(vectors))
-        table = pipe.text_encoder.get_input_embeddings().weight
-        table[slots] = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(table.device, table.dtype)
-        return pipe.text_encoder(ids)[0].clone()

@@ -56,18 +56,24 @@ def check_verify(archive: Archive, n: int, tolerance: int = DEFAULT_TOLERANCE) -
         raise D3MError(f"--tolerance must be in 0..255 (8-bit levels), got {tolerance}")
 
 
-def verify(archive: Archive, regenerator, n: int = 8, tolerance: int = DEFAULT_TOLERANCE) -> VerifyReport:
-    """Regenerate ``n`` images with ``regenerator`` and measure fingerprint drift."""
-    from .generator import fingerprint
+def verify(archive: Archive, regenerator, n: int = 8, tolerance: int = DEFAULT_TOLERANCE,
+           render_batch: int | None = None) -> VerifyReport:
+    """Regenerate ``n`` images with ``regenerator`` and measure fingerprint drift.
+
+    The sampled images render ``render_batch`` per call (default
+    ``generator.DEFAULT_RENDER_BATCH``), classes mixed.
+    """
+    from .generator import DEFAULT_RENDER_BATCH, fingerprint
 
     check_verify(archive, n, tolerance)
     size = archive.manifest.fingerprint_size
+    batch = render_batch or DEFAULT_RENDER_BATCH
     images = sample_images(archive, n)
     drift = []
-    for c in sorted({c for c, _ in images}):
-        idx = [i for cc, i in images if cc == c]
-        rendered = regenerator.render(c, archive.seeds[c, idx].tolist())
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        rendered = regenerator.render_pairs([(c, int(archive.seeds[c, i])) for c, i in chunk])
         got = fingerprint(rendered, size).astype(np.int16)
-        want = archive.fingerprints[c, idx].astype(np.int16)
-        drift.extend(np.abs(got - want).reshape(len(idx), -1).max(axis=1).tolist())
+        want = np.stack([archive.fingerprints[c, i] for c, i in chunk]).astype(np.int16)
+        drift.extend(np.abs(got - want).reshape(len(chunk), -1).max(axis=1).tolist())
     return VerifyReport(images, np.asarray(drift, dtype=np.int64), tolerance)

@@ -131,3 +131,24 @@ def tiny_archive_path(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("archives") / "tiny.d3m"
     d3mfmt.save_file(archive_for(tiny_model), path)
     return path
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (minutes of CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests run only with --run-slow (or D3MFMT_RUN_SLOW=1); ``gpu`` tests only where CUDA is."""
+    run_slow = config.getoption("--run-slow") or os.environ.get("D3MFMT_RUN_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow or D3MFMT_RUN_SLOW=1")
+    has_cuda = None
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords:
+            if has_cuda is None:
+                import torch
+
+                has_cuda = torch.cuda.is_available()
+            if not has_cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

@@ -12,17 +12,18 @@ from d3mfmt import D3MDataset, D3MError
 
 
 class RenderCounter:
-    """Counts images the dataset's regenerator renders (wraps the real render)."""
+    """Counts images (and calls) the dataset's regenerator renders (wraps the real render_pairs)."""
 
     def __init__(self, ds):
-        self.count, regen = 0, ds.regenerator
-        real = regen.render
+        self.count, self.calls, regen = 0, [], ds.regenerator
+        real = regen.render_pairs
 
-        def render(c, seeds):
-            self.count += len(seeds)
-            return real(c, seeds)
+        def render_pairs(pairs):
+            self.count += len(pairs)
+            self.calls.append(list(pairs))
+            return real(pairs)
 
-        regen.render = render
+        regen.render_pairs = render_pairs
 
 
 @pytest.fixture
@@ -56,7 +57,8 @@ def test_image_unit_returns_collages_with_all_patch_labels(tiny_archive_path, tm
 def test_getitems_is_one_batch_and_equals_getitem(ds):
     counter = RenderCounter(ds)
     batch = ds.__getitems__([0, 17, 33, 1])
-    assert counter.count == 3  # three distinct images, one render call per class
+    assert counter.count == 3  # three distinct images of three classes, in one render call
+    assert len(counter.calls) == 1 and sorted(c for c, _ in counter.calls[0]) == [0, 1, 2]
     for k, (image, label, cls) in zip([0, 17, 33, 1], batch):
         again = ds[k]
         assert torch.equal(image, again[0]) and torch.equal(label, again[1]) and cls == again[2]
@@ -159,3 +161,25 @@ def test_concurrent_cache_writes_of_one_image_do_not_collide(ds):
         list(pool.map(lambda _: ds._write_cached(3, x), range(200)))
     assert torch.equal(ds._read_cached(3), x)
     assert not list(ds.cache_dir.glob(".*"))  # no temporary files left behind
+
+
+def test_materialize_fills_render_batches_across_classes_with_identical_pixels(tiny_archive_path, tmp_path):
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "a", device="cpu", render_batch=5)
+    counter = RenderCounter(ds)
+    ds.materialize(progress=False)
+    assert [len(call) for call in counter.calls] == [5, 5, 2]  # 12 images of 3 classes (IPC 4)
+    assert {c for c, _ in counter.calls[0]} == {0, 1}  # a batch spans classes
+    one = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "b", device="cpu", render_batch=1)
+    assert ds.cache_dir.name == one.cache_dir.name  # render_batch is not in the cache key
+    mixed, single = ds.images(range(12)), one.images(range(12))
+    assert all(torch.equal(mixed[k], single[k]) for k in range(12))
+
+
+def test_materialize_a_subset_of_images(tiny_archive_path, tmp_path):
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
+    counter = RenderCounter(ds)
+    ds.materialize(progress=False, images=[11, 0, 5, 5])
+    assert counter.count == 3 and sorted(p.name for p in ds.cache_dir.glob("*.npy")) == [
+        "000000_00000.npy", "000001_00001.npy", "000002_00003.npy"]
+    with pytest.raises(IndexError, match="image index 12 out of range"):
+        ds.materialize(progress=False, images=[12])

@@ -110,7 +110,7 @@ def test_pinned_identity_mismatch_is_an_error_unless_overridden(archive):
 
 def test_ancestral_scheduler_and_wrong_width_are_refused(archive):
     gen = replace(archive.manifest.generator, scheduler="EulerAncestralDiscreteScheduler")
-    with pytest.raises(D3MError, match="not a deterministic"):
+    with pytest.raises(D3MError, match="must be a deterministic scheduler"):
         Regenerator(gen, archive.embeddings, device="cpu")
     with pytest.raises(D3MModelError, match="embeddings are 16 wide"):
         Regenerator(archive.manifest.generator, archive.embeddings[:, :, :16], device="cpu")
@@ -172,9 +172,146 @@ def test_stochastic_configs_other_pipelines_and_wrong_latents_are_refused(archiv
     gen = archive.manifest.generator
     sde = replace(gen, scheduler="DPMSolverMultistepScheduler",
                   scheduler_config={**gen.scheduler_config, "algorithm_type": "sde-dpmsolver++"})
-    with pytest.raises(D3MError, match="draws fresh noise"):
+    with pytest.raises(D3MError, match="algorithm_type.*sde-dpmsolver"):
         Regenerator(sde, archive.embeddings, device="cpu")
     with pytest.raises(D3MError, match="StableDiffusionXLPipeline"):
         Regenerator(replace(gen, pipeline="StableDiffusionXLPipeline"), archive.embeddings, device="cpu")
     with pytest.raises(D3MModelError, match=r"latent_shape \[4, 8, 8\] does not fit 32x32"):
         Regenerator(replace(gen, latent_shape=(4, 8, 8)), archive.embeddings, device="cpu")
+
+
+def test_mixed_class_batches_give_the_same_pixels_as_single_class_renders(regen, archive):
+    """Cross-class batches: every (class, seed) renders bit-identically whatever its batch-mates."""
+    per_class = {c: regen.render(c, archive.seeds[c].tolist()) for c in range(3)}
+    pairs = [(c, int(archive.seeds[c, i])) for i in range(4) for c in range(3)]  # classes interleaved
+    mixed = regen.render_pairs(pairs)
+    assert mixed.shape == (12, 3, 32, 32)
+    for k, (c, _) in enumerate(pairs):
+        assert torch.equal(mixed[k], per_class[c][k // 3]), (k, c)
+    # other batch sizes, positions and batch-mates, same pixels
+    assert torch.equal(regen.render_pairs(pairs[::-1]).flip(0), mixed)
+    assert torch.equal(regen.render_pairs(pairs[5:7]), mixed[5:7])
+    assert torch.equal(regen.render_pairs([pairs[4], (0, 123), pairs[9]])[[0, 2]], mixed[[4, 9]])
+    assert regen.render_pairs([]).shape == (0, 3, 32, 32)
+
+
+def test_decode_is_the_pipelines_own_pt_output(regen, archive):
+    """The renderer decodes itself (to guard fp16) but gives exactly what output_type='pt' gives."""
+    from d3mfmt.generator import CPU_CALL_ROWS, initial_latents, quantize_8bit, single_thread
+
+    info, c = archive.manifest.generator, 1
+    seeds = archive.seeds[c, :CPU_CALL_ROWS].tolist()  # the one batch shape the CPU renders with
+    with single_thread():
+        theirs = regen.pipe(
+            prompt_embeds=regen.prompt_embeds(c).expand(len(seeds), -1, -1),
+            negative_prompt_embeds=regen.negative_embeds().expand(len(seeds), -1, -1),
+            latents=initial_latents(seeds, info.latent_shape), num_inference_steps=info.steps,
+            guidance_scale=info.guidance_scale, eta=0.0, height=info.height, width=info.width, output_type="pt",
+        ).images
+    assert torch.equal(regen.render(c, seeds), quantize_8bit(theirs))
+
+
+def test_fp16_vae_overflow_is_redone_in_fp32_never_returned(regen):
+    """Latents that overflow fp16 on the way into the decoder: the guard redoes the decode in fp32."""
+    import copy
+    from types import SimpleNamespace
+
+    from d3mfmt.accel import decode_latents
+
+    latents = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0)) * 3e3  # / scaling_factor > 65504
+    vae16 = copy.deepcopy(regen.pipe.vae).to(torch.float16)
+    with torch.no_grad():
+        raw = vae16.decode(latents.half() / vae16.config.scaling_factor).sample
+    assert not torch.isfinite(raw).all()  # the overflow this guard exists for
+    pipe16 = SimpleNamespace(vae=vae16, image_processor=regen.pipe.image_processor)
+    with pytest.warns(UserWarning, match="overflowed in torch.float16"), torch.no_grad():
+        images, redone = decode_latents(pipe16, latents.half())
+    assert redone == 2 and torch.isfinite(images).all() and vae16.dtype == torch.float16
+    with torch.no_grad():
+        want, _ = decode_latents(SimpleNamespace(vae=vae16.float(), image_processor=regen.pipe.image_processor),
+                                 latents.half().float())
+    assert torch.equal(images, want)
+
+
+def test_fp16_pipeline_keeps_a_force_upcast_vae_in_fp32(archive):
+    gen = archive.manifest.generator
+    r16 = Regenerator(gen, archive.embeddings, device="cpu", dtype="float16")
+    assert r16.pipe.unet.dtype == torch.float16 and r16.pipe.vae.dtype == torch.float32
+    assert r16.pipe.vae.config.force_upcast
+
+
+def test_compile_is_its_own_pipeline_and_cache_key_sharing_weights(archive, regen):
+    """compile=True wraps the shared UNet in torch.compile (lazily) and never shares eager pixels."""
+    compiled = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu", compile=True)
+    assert isinstance(compiled.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled.pipe.unet._orig_mod is regen.pipe.unet
+    assert compiled.pipe.vae is regen.pipe.vae and compiled.pipe.text_encoder is regen.pipe.text_encoder
+    assert compiled.settings.key_parts() == {**regen.settings.key_parts(), "compile": True}
+    assert "compile" not in regen.settings.key_parts()  # eager cache keys are what they were
+
+
+def test_non_finite_fp32_decode_is_an_error_not_an_image(regen):
+    from d3mfmt.accel import decode_latents
+
+    latents = torch.zeros((1, 4, 16, 16))
+    latents[0, 0, 0, 0] = float("inf")
+    with pytest.raises(D3MError, match="non-finite pixels in float32"), torch.no_grad():
+        decode_latents(regen.pipe, latents)
+
+
+def test_verify_renders_mixed_class_batches_with_the_same_drift(archive, regen):
+    from d3mfmt.verify import verify
+
+    calls = []
+    real = regen.render_pairs
+    regen.render_pairs = lambda pairs: calls.append(len(pairs)) or real(pairs)
+    try:
+        batched = verify(archive, regen, n=12, render_batch=8)
+        single = verify(archive, regen, n=12, render_batch=1)
+    finally:
+        del regen.render_pairs
+    assert calls == [8, 4] + [1] * 12
+    assert batched.images == single.images and np.array_equal(batched.drift, single.drift)
+    assert batched.ok and int(batched.drift.max()) == 0
+
+
+def test_cuda_fast_path_settings_apply_to_a_pipeline(tiny_model):
+    """SDPA processors, channels-last and the fp32 VAE, applied as on CUDA (no CUDA op runs)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from d3mfmt.accel import prepare_pipeline, uses_fast_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, torch_dtype=torch.float16, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.unet.set_attn_processor(AttnProcessor())  # as if saved with the old processor
+    assert uses_fast_path("cuda:0") and not uses_fast_path("cpu")
+    prepare_pipeline(pipe, "cuda", "float16")
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16
+    cpu = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    prepare_pipeline(cpu, "cpu", "float32")  # the CPU fp32 path is left exactly as loaded
+    assert cpu.unet.conv_in.weight.is_contiguous() and cpu.vae.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_fp16_renders_within_the_verify_tolerance(archive, compile):
+    from d3mfmt.verify import verify
+
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, device="cuda", compile=compile)
+    assert regen.dtype == "float16"
+    report = verify(archive, regen, n=12)
+    assert report.ok, report.lines([c.name for c in archive.manifest.dataset.classes])
+    x = regen.render_pairs([(0, 1), (2, 2), (1, 3)])
+    assert torch.isfinite(x).all() and x.std() > 0.01
+
+
+@pytest.mark.slow
+def test_compiled_unet_renders_on_the_cpu_within_tolerance(archive, regen):
+    """compile=True end to end (inductor on the CPU: about 2 minutes of compiling here)."""
+    compiled = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu", compile=True)
+    pairs = [(0, 1), (1, 2), (2, 3), (0, 4)]
+    x, y = compiled.render_pairs(pairs), regen.render_pairs(pairs)
+    assert int((x - y).abs().max() * 255) <= 1  # measured here: 0
