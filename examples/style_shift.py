@@ -41,9 +41,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_student import TrainConfig, archive_tensors, mnist_eval_set, train  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+from train_student import TrainConfig, batches, mnist_eval_set, train_on  # noqa: E402
 
 import d3mfmt  # noqa: E402
+from d3mfmt import D3MDataset  # noqa: E402
 from builder.build import DEMO_MODEL, BuildSettings, InversionSettings, build, write_archive  # noqa: E402
 from builder.defaults import model_defaults  # noqa: E402
 from builder.labelling import teacher_probs  # noqa: E402
@@ -170,9 +172,12 @@ def main() -> None:
     tag = f"lr{args.lr:g}-s{args.ti_steps}-b{args.ti_batch}-v{args.vectors}-{args.timesteps}"
     results = []
 
-    def run(name: str, images, targets, nbytes: int, extra: dict | None = None) -> None:
-        accs = [train(images, targets, eval_set, TrainConfig(steps=args.steps, loss="kd", seed=s), progress=False)
-                for s in args.seeds]
+    def run(name: str, data, nbytes: int, extra: dict | None = None) -> None:
+        """``data``: a TensorDataset or a D3MDataset, read through a DataLoader as benchmark.py does."""
+        accs = []
+        for s in args.seeds:
+            cfg = TrainConfig(steps=args.steps, loss="kd", seed=s)
+            accs.append(train_on(batches(data, cfg), eval_set, cfg, progress=False))
         results.append({"source": args.source, "method": name, "bytes": nbytes, "mean": float(np.mean(accs)),
                         "std": float(np.std(accs)), "accs": accs, **(extra or {})})
         logging.info("%s %s: %.2f +- %.2f", args.source, name, 100 * np.mean(accs), 100 * np.std(accs))
@@ -181,15 +186,14 @@ def main() -> None:
         from benchmark import png_bytes, random_subset
 
         idx = random_subset(y, 10, 0)
-        run("random real + soft", x[idx], teacher_probs(teacher, x[idx], 1.0, "cpu").float(),
+        run("random real + soft", TensorDataset(x[idx], teacher_probs(teacher, x[idx], 1.0, "cpu").float()),
             png_bytes(x[idx]) + 2 * 10 * len(idx))
     variants = ([] if "word" in args.skip else [("class word", InversionSettings(steps=0), f"{args.source}-word")]) + \
         ([] if "inverted" in args.skip else [(f"inverted ({tag})", inversion, f"{args.source}-{tag}")])
     for label, inv, name in variants:
         path = build_archive(src, teacher_name, inv, args.out, name)
         build_info = d3mfmt.load_file(path).manifest.build
-        ax, ap_ = archive_tensors(str(path), str(args.out / "cache"))
-        run(f".d3m, {label}", ax, ap_, path.stat().st_size,
+        run(f".d3m, {label}", D3MDataset(path, cache_dir=args.out / "cache"), path.stat().st_size,
             {"inversion": build_info["inversion"], "agreement": build_info["regenerated_patch_agreement"]})
 
     stem = f"{args.source}-{tag}" + "".join(f"-no-{row}" for row in sorted(args.skip))
