@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no notes about torchvision at import
 
 
 @dataclass(frozen=True)
