@@ -24,7 +24,7 @@ from d3mfmt import D3MError, LabelEncoding
 
 from .build import BuildSettings, build, check_settings, fit_labels, write_archive
 from .guards import domain_message, domain_problems
-from .workdir import Workdir, check_output_path
+from .workdir import Workdir
 
 
 @dataclass
@@ -73,7 +73,6 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
         teacher_accuracy: the teacher's held-out accuracy to record, if known.
     """
     out = Path(out)
-    check_output_path(out)
     check_settings(settings)
     check_labels(labels, len(source.classes), settings.temperature)
     workdir = Path(workdir) if workdir is not None else out.with_name(out.name + ".work")
