@@ -312,11 +312,18 @@ def build(source, settings: BuildSettings, workdir: Path, *, shard: tuple[int, i
         wd.save_class(c, tensors, meta)
         if domain_problems([meta["real_agreement"]], [meta["accuracy"]]):
             log.warning(printable(domain_message(classes[c].name, meta["real_agreement"], meta["accuracy"])))
-        if min_agreement is not None and meta["accuracy"] < min_agreement:
-            raise D3MError(f"{domain_message(classes[c].name, meta['real_agreement'], meta['accuracy'])}. "
-                           f"Stopped: below --min-agreement {min_agreement:g}; no archive was written "
-                           f"(finished classes stay in {wd.path})")
+        _check_min_agreement_of(classes[c], meta, min_agreement, wd)
+    if min_agreement is not None:  # resumed classes too: a rerun must not skip a class that failed before
+        for c in mine:
+            _check_min_agreement_of(classes[c], wd.load_class(c)[1], min_agreement, wd)
     return wd
+
+
+def _check_min_agreement_of(info: ClassInfo, meta: dict, min_agreement: float | None, wd: Workdir) -> None:
+    if min_agreement is not None and meta["accuracy"] < min_agreement:
+        raise D3MError(f"{domain_message(info.name, meta.get('real_agreement'), meta['accuracy'])}. "
+                       f"Stopped: below --min-agreement {min_agreement:g}; no archive was written "
+                       f"(finished classes stay in {wd.path})")
 
 
 def check_min_agreement(value: float | None) -> None:
@@ -390,7 +397,7 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
     try:
         manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
                                     agreement_info(record["classes"], metas))
-    except (KeyError, TypeError) as exc:  # a hand-edited record: the manifest's own checks raise D3MError
+    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited record: the manifest's own checks raise D3MError
         raise D3MError(f"{wds[0].path / SETTINGS_FILE} is damaged ({exc!r}); build again into a new --workdir") from None
     archive = d3mfmt.Archive(
         manifest,

@@ -51,6 +51,16 @@ def label_encoding(kind: str = "topk", k: int | None = None, values: str | None 
     return LabelEncoding(kind, default.k if k is None else k, values or default.values, temperature)
 
 
+def merge_flags(labels: LabelEncoding, min_agreement: float | None) -> str:
+    """The merge options that reproduce this build's label encoding (and threshold)."""
+    flags = f" --labels {labels.kind}"
+    if labels.kind == "topk":
+        flags += f" --k {labels.k}"
+    if labels.values is not None:
+        flags += f" --values {labels.values}"
+    return flags + ("" if min_agreement is None else f" --min-agreement {min_agreement:g}")
+
+
 def check_labels(labels: LabelEncoding, num_classes: int, temperature: float) -> None:
     """A bad label option fails before the build, in the options' words."""
     try:
@@ -83,7 +93,7 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
     if shard[1] > 1:
         return BuildResult(None, None, [
             f"shard {shard[0]}/{shard[1]} done in {seconds:.0f}s; when every shard is done: "
-            f"d3m-build merge {workdir} -o {out}"])
+            f"d3m-build merge {workdir} -o {out}{merge_flags(labels, min_agreement)}"])
     archive = write_archive([wd.path], out, labels, out.name.removesuffix(".d3m"), teacher_accuracy, min_agreement)
     return BuildResult(out, archive, summarize_build([wd], out, archive, seconds))
 

@@ -132,14 +132,22 @@ class ImageFolderSource:
 
 
 def read_class_list(path: Path) -> tuple[list[str], list[str] | None]:
-    """``--classes FILE``: one class per line, ``id`` or ``id<TAB or space>name``."""
+    """``--classes FILE``: one class per line, ``id`` or ``id<TAB or space>name``.
+
+    A line with a tab splits at the first tab (so folder names may hold spaces); otherwise at the first space.
+    """
     try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise D3MError(f"--classes {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise D3MError(f"--classes {path} is not UTF-8 text; save it as UTF-8, one class folder per line") from None
+    lines = [ln.strip(" \r\n") for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if not lines:
+        raise D3MError(f"--classes {path} lists no classes; write one class folder name per line")
     ids, names = [], []
     for line in lines:
-        parts = line.split(None, 1)
+        parts = line.split("\t", 1) if "\t" in line else line.split(None, 1)
         ids.append(parts[0])
         names.append(parts[1] if len(parts) > 1 else parts[0])
     if len(set(ids)) != len(ids):

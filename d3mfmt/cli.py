@@ -42,6 +42,8 @@ def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[i
             out.append(names.index(part))
         else:
             raise D3MError(f"--select: {part!r} is not a class index (0..{len(names) - 1}), id or name of this archive")
+    if not out:
+        raise D3MError(f"--select {spec!r} names no class; give comma-separated class indices, ids or names")
     return out
 
 

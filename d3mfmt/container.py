@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from .errors import D3MFormatError
+from .errors import D3MError, D3MFormatError
 
 MEDIA_TYPE = b"application/vnd.d3m+zip"
 MIMETYPE = "mimetype"
@@ -236,7 +236,7 @@ def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = True) -> 
     """Write to a unique temporary file beside ``path`` (fsync'd when ``durable``), then rename over it."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise D3MFormatError(f"{path}: the folder {path.parent} does not exist; create it first")
+        raise D3MError(f"{path}: the folder {path.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

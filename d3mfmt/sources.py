@@ -270,9 +270,13 @@ def download_pinned(url: str, digest: str | None, name: str, *, progress: bool =
         if digest is None:
             log.warning("%s was fetched unpinned; pin it next time with #sha256=%s", url, actual)
         final = root / actual / name
-        final.parent.mkdir(exist_ok=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
+        try:
+            final.parent.mkdir(exist_ok=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise D3MError(f"{url}: cannot store it in the archive cache {root} ({exc.strerror or exc}); "
+                           "free disk space or set D3MFMT_CACHE_DIR to a writable folder") from None
         return final
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

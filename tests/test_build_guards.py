@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,12 +42,19 @@ def test_class_order_rule_needs_a_permutation_that_fixes_it(tmp_path):
     shifted = np.roll(np.eye(4, dtype=int) * 30, 1, axis=1) + 1  # folder c -> logit c+1
     with pytest.raises(D3MError, match=r"folder 'f0' looks like class 1 \('name1'\)"):
         check_class_order(shifted, classes, tmp_path / "x.classes.txt")
-    assert (tmp_path / "x.classes.txt").read_text().split("\n")[:4] == ["f3 name3", "f0 name0", "f1 name1", "f2 name2"]
+    assert (tmp_path / "x.classes.txt").read_text().split("\n")[:4] == ["f3\tname3", "f0\tname0", "f1\tname1", "f2\tname2"]
     # a teacher that takes every class for the same one is unsuited, not misordered: no permutation fixes it
     collapsed = np.zeros((4, 4), int)
     collapsed[:, 2] = 30
     assert check_class_order(collapsed, classes, tmp_path / "y.txt").misordered() == []
     assert not (tmp_path / "y.txt").exists()
+    # one swapped pair among many classes is caught on its own (the overall agreement barely moves)
+    many = [ClassInfo(f"f{i:03d}", f"f{i:03d}") for i in range(100)]
+    swapped = np.eye(100, dtype=int) * 30
+    swapped[[0, 1]] = swapped[[1, 0]]
+    with pytest.raises(D3MError, match=r"folder 'f000' looks like class 1 .*folder 'f001' looks like class 0"):
+        check_class_order(swapped, many, tmp_path / "z.classes.txt")
+    assert (tmp_path / "z.classes.txt").read_text().split("\n")[:3] == ["f001", "f000", "f002"]
     assert check_class_order(np.eye(4, dtype=int) * 9, classes, None).agreement.tolist() == [1, 1, 1, 1]
 
 
@@ -169,3 +177,35 @@ def test_settings_record_the_resolved_model_defaults(tiny_model, data, tmp_path)
     assert settings["guidance_scale"] == STABLE_DIFFUSION.guidance_scale
     assert settings["inversion"]["lr"] == STABLE_DIFFUSION.ti_lr and settings["inversion"]["batch"] == STABLE_DIFFUSION.ti_batch
     assert settings["inversion"]["steps"] == 1 and settings["resolution"] == 32
+
+
+def test_class_list_files_empty_non_utf8_and_spaces(tmp_path):
+    from builder.sources import read_class_list
+
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(D3MError, match="lists no classes"):
+        read_class_list(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(D3MError, match="is not UTF-8 text"):
+        read_class_list(tmp_path / "latin1.txt")
+    (tmp_path / "tabs.txt").write_text("my folder\tMy Name\nplain other name\n")
+    assert read_class_list(tmp_path / "tabs.txt") == (["my folder", "plain"], ["My Name", "other name"])
+
+
+def test_min_agreement_holds_for_resumed_shard_classes(tiny_model, data, tmp_path):
+    args = [str(data), "-o", str(tmp_path / "s.d3m"), *tiny_args(tiny_model), "--shard", "0/3", "--min-agreement", "1"]
+    first = CliRunner().invoke(main, args)
+    second = CliRunner().invoke(main, args)  # the failing class is checkpointed: a rerun must not skip the check
+    assert first.exit_code == second.exit_code == 1 and "below --min-agreement 1" in second.stderr
+    ok = CliRunner().invoke(main, [*args[:-2], "--labels", "topk", "--k", "2"])
+    assert ok.exit_code == 0, ok.output
+    assert "d3m-build merge" in ok.stderr and "--labels topk --k 2 --values u8sqrt" in ok.stderr
+
+
+def test_empty_preview_selection_is_an_error(tmp_path):
+    from d3mfmt.cli import inspect_main
+
+    golden = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "topk.d3m"
+    result = CliRunner().invoke(inspect_main, [str(golden), "--preview", str(tmp_path / "p.png"),
+                                               "--select", ","])
+    assert result.exit_code == 1 and "names no class" in result.stderr and not (tmp_path / "p.png").exists()
