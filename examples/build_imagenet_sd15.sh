@@ -36,12 +36,12 @@ case "${1:-single}" in
     d3m-build "${ARGS[@]}" ;;
   torchrun) # every GPU of this machine; each process takes classes c % WORLD_SIZE == RANK, on cuda:LOCAL_RANK
     torchrun --standalone --nproc-per-node "${GPUS:-8}" "$(command -v d3m-build)" "${ARGS[@]}" --shard auto
-    d3m-build merge "$WORK" -o "$OUT" ;;
+    d3m-build merge "$WORK" -o "$OUT" --min-agreement 0.3 ;;
   accelerate)
     accelerate launch --num_processes "${GPUS:-8}" "$(command -v d3m-build)" "${ARGS[@]}" --shard auto
-    d3m-build merge "$WORK" -o "$OUT" ;;
+    d3m-build merge "$WORK" -o "$OUT" --min-agreement 0.3 ;;
   slurm)    # sbatch --array=0-31 --gpus=1 examples/build_imagenet_sd15.sh slurm; then merge once all are done
     d3m-build "${ARGS[@]}" --shard auto ;;
   merge)    # after all shards: joins their work directories (d3m-build merge DIR0 DIR1 ... -o OUT)
-    d3m-build merge "$WORK" -o "$OUT" ;;
+    d3m-build merge "$WORK" -o "$OUT" --min-agreement 0.3 ;;
 esac
