@@ -75,7 +75,7 @@ def test_save_file_is_atomic_and_leaves_nothing_on_failure(tmp_path):
         d3mfmt.save_file(bad, path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["x.d3m"]
-    with pytest.raises(d3mfmt.D3MFormatError, match="does not exist"):
+    with pytest.raises(d3mfmt.D3MError, match="does not exist"):  # an output problem, not a format one
         d3mfmt.save_file(make_archive(), tmp_path / "missing" / "y.d3m")
 
 
