@@ -1,4 +1,4 @@
-"""``d3m-build``: real images -> .d3m archive. Parses options into settings and calls builder.run.
+"""``d3m-build``: real images -> .d3m archive. Maps options onto settings and calls the library.
 
 Examples:
     d3m-build --demo -o mnist_ipc10.d3m
@@ -7,8 +7,8 @@ Examples:
     d3m-build ... --workdir wd --shard 0/4      # one of four shards (any launcher)
     d3m-build merge wd0 wd1 wd2 wd3 -o out.d3m  # join the finished shards
 
-Every default lives in the settings dataclasses (builder/build.py, builder/defaults.py);
-an option left out keeps it.
+Every default lives in the settings dataclasses (builder/settings.py, the stage
+modules); an option left out keeps it. Option names are the settings' field names.
 """
 
 from __future__ import annotations
@@ -23,33 +23,42 @@ from pathlib import Path
 import click
 
 from d3mfmt.errors import D3MError
+from d3mfmt.labels import ENCODINGS, VALUE_CODECS
 from d3mfmt.terminal import printable
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# option -> the settings field it sets: a BuildSettings field, or "patches." / "inversion." + field
+SETTINGS_OPTIONS = {
+    "revision": "revision", "ipc": "ipc", "grid": "grid", "resolution": "resolution", "steps": "steps",
+    "guidance_scale": "guidance_scale", "prompt_template": "prompt_template", "seed": "seed",
+    "seed_candidates": "seed_candidates", "temperature": "temperature",
+    "n_crops": "patches.n_crops", "max_images": "patches.max_images",
+    "ti_steps": "inversion.steps", "ti_lr": "inversion.lr", "ti_batch": "inversion.batch",
+    "n_vectors": "inversion.n_vectors",
+}
 
-def _default(cls, name: str):
-    """A dataclass field's default (for help texts: the dataclass stays the one source)."""
+
+def _default(target: str):
+    """The dataclass default of a settings field (for help texts: the dataclass stays the one source)."""
+    from .settings import BuildSettings
+
+    cls = BuildSettings
+    *sections, name = target.split(".")
+    for section in sections:
+        cls = next(f for f in dataclasses.fields(cls) if f.name == section).default_factory
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def _settings_classes():
-    from .build import BuildSettings
-    from .inversion import InversionSettings
-    from .patches import PatchSettings
-
-    return BuildSettings, InversionSettings, PatchSettings
+def _help(text: str, option: str) -> str:
+    return f"{text} [default: {_default(SETTINGS_OPTIONS[option])}]"
 
 
-def _help(text: str, cls_index: int, name: str) -> str:
-    return f"{text} [default: {_default(_settings_classes()[cls_index], name)}]"
+def _model_help(text: str, field_name: str) -> str:
+    from .settings import describe
 
-
-def _model_help(text: str, field: str) -> str:
-    from .defaults import describe
-
-    return f"{text} [default: the model's; {describe(field)}]"
+    return f"{text} [default: the model's; {describe(field_name)}]"
 
 
 class _BuildByDefault(click.Group):
@@ -69,18 +78,32 @@ def main() -> None:
 
 
 def _label_options(f):
+    from d3mfmt import LabelEncoding
+
+    from .assemble import DENSE_VALUES
+
+    default = LabelEncoding()
     for option in reversed([
-        click.option("--labels", "label_kind", type=click.Choice(["topk", "dense", "hard"]), default="topk",
-                     show_default=True, help="Soft-label encoding."),
-        click.option("--k", type=int, help="Entries kept per label for topk [default: 5, at most the class count]."),
-        click.option("--values", type=click.Choice(["u8sqrt", "u8", "f16", "f32"]),
-                     help="Label value codec [default: u8sqrt for topk, f16 for dense]."),
+        click.option("--label-kind", "--labels", "label_kind", type=click.Choice(list(ENCODINGS)),
+                     help=f"Soft-label encoding [default: {default.kind}]."),
+        click.option("--k", type=int,
+                     help=f"Entries kept per label for topk [default: {default.k}, at most the class count]."),
+        click.option("--values", type=click.Choice(list(VALUE_CODECS)),
+                     help=f"Label value codec [default: {default.values} for topk, {DENSE_VALUES} for dense]."),
         click.option("--min-agreement", type=float,
                      help="Fail (no archive) when the teacher agrees with a class on fewer regenerated patches "
                           "than this fraction, e.g. 0.5 [default: only warn]."),
     ]):
         f = option(f)
     return f
+
+
+def _shard_help() -> str:
+    from .settings import RunOptions
+
+    i, n = RunOptions().shard
+    return (f"Build only classes c with c % n == i, as i/n [default: {i}/{n}]; 'auto' reads RANK/WORLD_SIZE "
+            "(torchrun, accelerate) or Slurm.")
 
 
 @main.command("build")
@@ -92,77 +115,87 @@ def _label_options(f):
 @click.option("--teacher", help="Teacher: built-in name or module:function. Required without --demo.")
 @click.option("--classes", "class_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Class list FILE: folder names (e.g. WordNet ids) in the teacher's logit order, one per line, "
-                   "optional name after a space [default: sorted folder names].")
+                   "optional name after a tab or space [default: sorted folder names].")
 @click.option("--ignore-class-order", is_flag=True,
               help="Build even if the teacher seems to take the classes in another order than the data.")
-@click.option("--ipc", type=int, help=_help("Distilled images per class.", 0, "ipc"))
-@click.option("--grid", type=int, help=_help("Patches per side of each collage.", 0, "grid"))
+@click.option("--ipc", type=int, help=_help("Distilled images per class.", "ipc"))
+@click.option("--grid", type=int, help=_help("Patches per side of each collage.", "grid"))
 @click.option("--resolution", type=int, help=_model_help("Collage side in pixels.", "resolution"))
 @click.option("--steps", type=int, help=_model_help("DDIM steps.", "steps"))
-@click.option("--guidance", type=float, help=_model_help("Classifier-free guidance scale.", "guidance_scale"))
-@click.option("--template", help=_model_help("Prompt template containing {token}.", "collage_template"))
-@click.option("--vectors", type=int, help=_help("Token vectors per class.", 1, "n_vectors"))
+@click.option("--guidance-scale", "--guidance", "guidance_scale", type=float,
+              help=_model_help("Classifier-free guidance scale.", "guidance_scale"))
+@click.option("--prompt-template", "--template", "prompt_template",
+              help=_model_help("Prompt template containing {token}.", "collage_template"))
+@click.option("--n-vectors", "--vectors", "n_vectors", type=int, help=_help("Token vectors per class.", "n_vectors"))
 @click.option("--ti-steps", type=int, help=_model_help("Textual-inversion steps per class.", "ti_steps"))
 @click.option("--ti-lr", type=float, help=_model_help("Textual-inversion learning rate.", "ti_lr"))
 @click.option("--ti-batch", type=int, help=_model_help("Textual-inversion batch size.", "ti_batch"))
-@click.option("--n-crops", type=int, help=_help("Random crops scored per real image.", 2, "n_crops"))
-@click.option("--max-images", type=int, help=_help("Real images per class considered.", 2, "max_images"))
-@click.option("--seed", type=int, help=_help("Base seed.", 0, "seed"))
-@click.option("--seed-candidates", type=int, help=_help("Render M candidates per kept image.", 0, "seed_candidates"))
-@click.option("--temperature", type=float, help=_help("Teacher softmax temperature.", 0, "temperature"))
+@click.option("--n-crops", type=int, help=_help("Random crops scored per real image.", "n_crops"))
+@click.option("--max-images", type=int, help=_help("Real images per class considered.", "max_images"))
+@click.option("--seed", type=int, help=_help("Base seed.", "seed"))
+@click.option("--seed-candidates", type=int, help=_help("Render M candidates per kept image.", "seed_candidates"))
+@click.option("--temperature", type=float, help=_help("Teacher softmax temperature.", "temperature"))
 @_label_options
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Checkpoints [default: OUT.work].")
-@click.option("--shard", default="0/1", show_default=True,
-              help="Build only classes c with c % n == i; 'auto' reads RANK/WORLD_SIZE (torchrun, accelerate) or Slurm.")
+@click.option("--shard", help=_shard_help())
 @click.option("--device", help="cuda, cuda:N or cpu [default: cuda if available].")
-def build_command(data, out, demo, model, revision, teacher, class_file, ignore_class_order, ipc, grid, resolution,
-                  steps, guidance, template, vectors, ti_steps, ti_lr, ti_batch, n_crops, max_images, seed,
-                  seed_candidates, temperature, label_kind, k, values, min_agreement, workdir, shard, device) -> None:
+def build_command(**options) -> None:
     """Distil the ImageFolder DATA (or the built-in MNIST split with --demo) into the archive OUT."""
-    from .build import BuildSettings, InversionSettings, PatchSettings, demo_settings, parse_shard
-    from .run import build_archive, label_encoding
-    from .sources import ImageFolderSource, MnistSource, read_class_list
-    from .teacher_spec import resolve_teacher
-    from .teachers import mnist_test_accuracy
-
-    def given(**values):  # only what the user passed: everything else keeps the dataclass default
-        return {key: value for key, value in values.items() if value is not None}
+    from .assemble import label_encoding
+    from .pipeline import build_archive
+    from .settings import DEMO_TEACHER, RunOptions
+    from .shards import parse_shard
+    from .teachers import load_teacher, mnist_test_accuracy
 
     with _errors():
-        # 1. where the images come from, and which model and teacher: demo, or named by the user
-        if demo:
-            clash = [flag for flag, v in (("DATA", data), ("--model", model), ("--teacher", teacher),
-                                          ("--classes", class_file)) if v is not None]
-            if clash:
-                raise D3MError(f"--demo uses the built-in MNIST data, model and teacher; drop {', '.join(clash)}")
-            source, base = MnistSource("train"), demo_settings()
-        else:
-            missing = [flag for flag, v in (("DATA", data), ("--model", model), ("--teacher", teacher)) if v is None]
-            if missing:
-                raise D3MError(
-                    f"a build on your own data needs {' and '.join(missing)} (e.g. DATA=/data/train "
-                    "--model stable-diffusion-v1-5/stable-diffusion-v1-5 --teacher my_module:make_teacher); "
-                    "--demo runs the built-in MNIST example")
-            ids, names = read_class_list(class_file) if class_file else (None, None)
-            source, base = ImageFolderSource(data, ids, names), BuildSettings(model=model, teacher=teacher)
-        # 2. options onto settings
-        settings = dataclasses.replace(
-            base,
-            **given(revision=revision, ipc=ipc, grid=grid, resolution=resolution, steps=steps, guidance_scale=guidance,
-                    prompt_template=template, seed=seed, seed_candidates=seed_candidates, temperature=temperature),
-            patches=PatchSettings(**given(n_crops=n_crops, max_images=max_images)),
-            inversion=InversionSettings(**given(steps=ti_steps, lr=ti_lr, batch=ti_batch, n_vectors=vectors)),
-        )
-        labels = label_encoding(label_kind, k, values, settings.temperature)
-        # 3. build
-        result = build_archive(
-            source, settings, out, labels=labels, workdir=workdir, shard=parse_shard(shard), device=device,
-            check_order=not ignore_class_order, min_agreement=min_agreement,
-            teacher_accuracy=mnist_test_accuracy(resolve_teacher(settings.teacher)[0]) if demo else None,
-        )
-    click.echo("\n".join(printable(line) for line in result.summary), err=True)
-    if result.out is not None:
-        click.echo(str(result.out))
+        # 1. options onto the source, the settings, the label encoding and the run
+        source, settings = _source_and_settings(options)
+        labels = label_encoding(options["label_kind"], options["k"], options["values"], settings.temperature)
+        run = RunOptions(**_given(shard=None if options["shard"] is None else parse_shard(options["shard"]),
+                                  device=options["device"], min_agreement=options["min_agreement"]),
+                         check_order=not options["ignore_class_order"])
+        # 2. build (the demo records its teacher's accuracy on the held-out digits)
+        accuracy = mnist_test_accuracy(load_teacher(DEMO_TEACHER)) if options["demo"] else None
+        result = build_archive(source, settings, options["out"], labels=labels, workdir=options["workdir"], run=run,
+                               teacher_accuracy=accuracy)
+    _report(result)
+
+
+def _given(**values) -> dict:
+    """Only what the user passed: everything else keeps the dataclass default."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _source_and_settings(options: dict):
+    """(source, settings) for the demo, or for the user's data, model and teacher."""
+    from .settings import BuildSettings, demo_settings
+    from .sources import ImageFolderSource, MnistSource, read_class_list
+
+    named = {"DATA": options["data"], "--model": options["model"], "--teacher": options["teacher"]}
+    if options["demo"]:
+        clash = [flag for flag, v in {**named, "--revision": options["revision"],
+                                      "--classes": options["class_file"]}.items() if v is not None]
+        if clash:
+            raise D3MError(f"--demo uses the built-in MNIST data, model and teacher; drop {', '.join(clash)}")
+        source, base = MnistSource("train"), demo_settings()
+    else:
+        missing = [flag for flag, v in named.items() if v is None]
+        if missing:
+            raise D3MError(
+                f"a build on your own data needs {' and '.join(missing)} (e.g. DATA=/data/train "
+                "--model stable-diffusion-v1-5/stable-diffusion-v1-5 --teacher my_module:make_teacher); "
+                "--demo runs the built-in MNIST example")
+        ids, names = read_class_list(options["class_file"]) if options["class_file"] else (None, None)
+        source = ImageFolderSource(options["data"], ids, names)
+        base = BuildSettings(model=options["model"], teacher=options["teacher"])
+    values = {"": {}, "patches": {}, "inversion": {}}
+    for option, target in SETTINGS_OPTIONS.items():
+        if options[option] is not None:
+            section, _, name = target.rpartition(".")
+            values[section][name] = options[option]
+    settings = dataclasses.replace(base, **values[""], patches=dataclasses.replace(base.patches, **values["patches"]),
+                                   inversion=dataclasses.replace(base.inversion, **values["inversion"]))
+    return source, settings
 
 
 @main.command("merge")
@@ -171,13 +204,19 @@ def build_command(data, out, demo, model, revision, teacher, class_file, ignore_
 @_label_options
 def merge_command(workdirs, out, label_kind, k, values, min_agreement) -> None:
     """Write OUT from the finished work directories of every shard of one build (labels: as the build used)."""
-    from .run import label_encoding, merge_archives
+    from .assemble import label_encoding, merge_archives
 
     with _errors():
         labels = label_encoding(label_kind, k, values)  # the temperature comes from the build's record
         result = merge_archives(list(workdirs), out, labels=labels, min_agreement=min_agreement)
+    _report(result)
+
+
+def _report(result) -> None:
+    """The summary on stderr; the archive's path (data) on stdout."""
     click.echo("\n".join(printable(line) for line in result.summary), err=True)
-    click.echo(str(result.out))
+    if result.out is not None:
+        click.echo(str(result.out))
 
 
 @contextlib.contextmanager

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d3mfmt.generator import placeholder_prompt
+from d3mfmt.prompts import placeholder_prompt
 
 
 @dataclass(frozen=True)
 class InversionSettings:
-    steps: int | None = None  # None: the model's default (builder/defaults.py)
+    steps: int | None = None  # None: the model's default (builder/settings.py)
     lr: float | None = None
     batch: int | None = None
     n_vectors: int = 1

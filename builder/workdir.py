@@ -81,6 +81,7 @@ class Workdir:
         return self.class_file(c).is_file()
 
     def save_class(self, c: int, tensors: dict, meta: dict) -> None:
+        """Checkpoint class ``c`` (atomic): its tensors, and its metadata as JSON in the file's header."""
         data = safetensors.numpy.save(tensors, metadata={"meta": json.dumps(meta, sort_keys=True)})
         write_atomic(self.class_file(c), data)
 
@@ -93,6 +94,8 @@ class Workdir:
                 meta = json.loads(handle.metadata()["meta"])
         except Exception as exc:  # safetensors' own error type, OSError, KeyError, TypeError, ValueError
             raise D3MError(f"class checkpoint {f} is unreadable ({printable(exc)[:200]}); {REBUILD_CLASS}") from None
+        if isinstance(meta, dict) and "regenerated" not in meta and "accuracy" in meta:
+            meta["regenerated"] = meta.pop("accuracy")  # the key's name in work directories of older builds
         problem = _checkpoint_problem(tensors, meta, self.record())
         if problem:
             raise D3MError(f"class checkpoint {f} is damaged: {problem}; {REBUILD_CLASS}")
@@ -127,7 +130,7 @@ def _checkpoint_problem(tensors: dict, meta, record: dict) -> str | None:
         got = tensors[name].shape
         if len(got) != len(shape) or any(w is not None and w != n for w, n in zip(shape, got)):
             return f"{name} has shape {got}, expected {tuple('D' if w is None else w for w in shape)}"
-    if not isinstance(meta, dict) or not isinstance(meta.get("accuracy"), (int, float)) \
+    if not isinstance(meta, dict) or not isinstance(meta.get("regenerated"), (int, float)) \
             or not isinstance(meta.get("seconds"), dict):
-        return "its metadata lacks 'accuracy' or 'seconds'"
+        return "its metadata lacks 'regenerated' or 'seconds'"
     return None
