@@ -221,8 +221,8 @@ def drift(archive, s: BenchSettings, compile: bool = False) -> dict:
 
 def ti_rate(pipe, s: BenchSettings, batch: int) -> float:
     """Textual-inversion steps/s at ``batch``, after a 1-step warm-up run (set-up cost included: conservative)."""
-    from builder.defaults import STABLE_DIFFUSION
     from builder.inversion import InversionSettings, invert_class_token
+    from builder.settings import STABLE_DIFFUSION
 
     collages = torch.rand((batch, 3, s.resolution, s.resolution), generator=torch.Generator().manual_seed(0))
     for steps in (1, s.ti_steps):
@@ -235,9 +235,10 @@ def ti_rate(pipe, s: BenchSettings, batch: int) -> float:
 
 def builder_seconds(model_dir: Path, work: Path, s: BenchSettings) -> dict:
     """Seconds per class by stage of a real 2-class build (the second class: no first-use costs)."""
-    from builder.build import BuildSettings, Workdir, build
     from builder.inversion import InversionSettings
     from builder.patches import PatchSettings
+    from builder.pipeline import build
+    from builder.settings import BuildSettings, RunOptions
     from builder.sources import ImageFolderSource
 
     data = make_two_class_folder(work / "data", per_class=s.build_max_images, side=s.resolution // 2)
@@ -247,14 +248,14 @@ def builder_seconds(model_dir: Path, work: Path, s: BenchSettings) -> dict:
         patches=PatchSettings(n_crops=5, max_images=s.build_max_images),
         inversion=InversionSettings(steps=s.build_ti_steps, batch=s.ti_batch),  # lr: the model's default
     )
-    wd = build(ImageFolderSource(data), settings, work / "work", device=s.device, progress=False)
-    return Workdir(wd.path).load_class(1)[1]["seconds"]
+    wd = build(ImageFolderSource(data), settings, work / "work", run=RunOptions(device=s.device, progress=False))
+    return wd.load_class(1)[1]["seconds"]
 
 
 def imagenet_hours(stages: dict, ti_steps_per_s_default_batch: float, s: BenchSettings) -> dict:
     """Per-class seconds at ImageNet-1k IPC-10 with the builder's SD defaults, and GPU-hours for 1000 classes."""
-    from builder.defaults import STABLE_DIFFUSION
     from builder.patches import PatchSettings
+    from builder.settings import STABLE_DIFFUSION
 
     per_class = {
         "select": stages["select"] * PatchSettings().max_images / s.build_max_images,
@@ -307,7 +308,7 @@ def run(s: BenchSettings, workdir: Path, mode: str, log=print) -> dict:
     drifts = drift(archive, s, compile=s.compile)
     log(f"drift: {drifts}")
     # 5. textual inversion, then a real 2-class build
-    from builder.defaults import STABLE_DIFFUSION
+    from builder.settings import STABLE_DIFFUSION
 
     ti = ti_rate(pipe, s, s.ti_batch)
     ti_default = ti if STABLE_DIFFUSION.ti_batch == s.ti_batch else ti_rate(pipe, s, STABLE_DIFFUSION.ti_batch)

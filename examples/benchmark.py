@@ -41,7 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_student import TrainConfig, batches, mnist_eval_set, train_on  # noqa: E402
 
 import d3mfmt  # noqa: E402
-from builder.build import InversionSettings, build, demo_settings, write_archive  # noqa: E402
+from builder.assemble import write_archive  # noqa: E402
+from builder.inversion import InversionSettings  # noqa: E402
+from builder.pipeline import build  # noqa: E402
+from builder.settings import RunOptions, demo_settings  # noqa: E402
 from builder.labelling import teacher_probs  # noqa: E402
 from builder.patches import PatchSettings, make_collages, select_patches  # noqa: E402
 from builder.sources import MnistSource  # noqa: E402
@@ -90,11 +93,11 @@ def build_archives(ipc: int, out: Path) -> dict[str, Path]:
     paths = {}
     if ipc == 10:  # ablation: what textual inversion adds over the class word's own embedding
         wd0 = build(MnistSource("train"), demo_settings(ipc=ipc, inversion=InversionSettings(steps=0)),
-                    out / f"ipc{ipc}-noinv.work", device="cpu")
+                    out / f"ipc{ipc}-noinv.work", run=RunOptions(device="cpu"))
         path = out / f"mnist_ipc{ipc}_no_inversion.d3m"
         write_archive([wd0.path], path, d3mfmt.LabelEncoding(), path.stem)
         paths[".d3m soft, no inversion (class word)"] = path
-    wd = build(MnistSource("train"), demo_settings(ipc=ipc), out / f"ipc{ipc}.work", device="cpu")
+    wd = build(MnistSource("train"), demo_settings(ipc=ipc), out / f"ipc{ipc}.work", run=RunOptions(device="cpu"))
     encodings = {
         ".d3m one-hot": d3mfmt.LabelEncoding("hard", 1, None),
         ".d3m soft (default)": d3mfmt.LabelEncoding(),

@@ -148,9 +148,11 @@ def smoke(out: Path, config: SDConfig = SD15, resolution: int = 256, steps: int 
     from diffusers import StableDiffusionPipeline
 
     import d3mfmt
-    from builder.build import BuildSettings, build, write_archive
+    from builder.assemble import write_archive
     from builder.inversion import InversionSettings
     from builder.patches import PatchSettings
+    from builder.pipeline import build
+    from builder.settings import BuildSettings, RunOptions
     from builder.sources import ImageFolderSource
     from d3mfmt import D3MDataset, LabelEncoding
     from d3mfmt.cli import inspect_main
@@ -170,7 +172,7 @@ def smoke(out: Path, config: SDConfig = SD15, resolution: int = 256, steps: int 
         inversion=InversionSettings(steps=ti_steps, batch=1),
     )
     t0 = time.perf_counter()
-    wd = build(ImageFolderSource(data), settings, out / "work", device=device, progress=False)
+    wd = build(ImageFolderSource(data), settings, out / "work", run=RunOptions(device=device, progress=False))
     archive_path = out / "smoke.d3m"
     archive = write_archive([wd.path], archive_path, LabelEncoding(), "sd15-random-smoke")
     times["build_s"] = time.perf_counter() - t0

@@ -46,8 +46,10 @@ from train_student import TrainConfig, batches, mnist_eval_set, train_on  # noqa
 
 import d3mfmt  # noqa: E402
 from d3mfmt import D3MDataset  # noqa: E402
-from builder.build import DEMO_MODEL, BuildSettings, InversionSettings, build, write_archive  # noqa: E402
-from builder.defaults import model_defaults  # noqa: E402
+from builder.assemble import write_archive  # noqa: E402
+from builder.inversion import InversionSettings  # noqa: E402
+from builder.pipeline import build  # noqa: E402
+from builder.settings import DEMO_MODEL, BuildSettings, RunOptions, model_defaults  # noqa: E402
 from builder.labelling import teacher_probs  # noqa: E402
 from builder.sources import ImageFolderSource, MnistSource  # noqa: E402
 from builder.teachers import load_teacher  # noqa: E402
@@ -142,7 +144,7 @@ def prepare(source: str, out: Path):
 def build_archive(src, teacher_name: str, inversion: InversionSettings, out: Path, name: str) -> Path:
     t0 = time.perf_counter()
     wd = build(src, BuildSettings(model=DEMO_MODEL, teacher=teacher_name, ipc=10, inversion=inversion),
-               out / f"{name}.work", device="cpu", progress=False)
+               out / f"{name}.work", run=RunOptions(device="cpu", progress=False))
     path = out / f"{name}.d3m"
     write_archive([wd.path], path, d3mfmt.LabelEncoding(), name)
     logging.info("%s: built in %.0fs", name, time.perf_counter() - t0)

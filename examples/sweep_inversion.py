@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import style_shift  # noqa: E402
 
-from builder.build import DEMO_MODEL, BuildSettings, InversionSettings, generator_info, native_resolution  # noqa: E402
-from builder.defaults import model_defaults, resolve_settings  # noqa: E402
-from builder.inversion import invert_class_token  # noqa: E402
+from builder.inversion import InversionSettings, invert_class_token  # noqa: E402
+from builder.pipeline import generator_info, native_resolution  # noqa: E402
+from builder.settings import DEMO_MODEL, BuildSettings, model_defaults, resolve_settings  # noqa: E402
 from builder.labelling import class_seeds, render_and_label  # noqa: E402
 from builder.patches import make_collages, select_patches  # noqa: E402
 from d3mfmt.generator import Regenerator, default_dtype, shared_pipeline  # noqa: E402

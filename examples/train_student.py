@@ -189,7 +189,7 @@ def main() -> None:
     eval_set = imagefolder_eval_set(args.eval, side) if args.eval else mnist_eval_set()
     teacher = None
     if args.teacher:
-        from builder.teacher_spec import resolve_teacher
+        from builder.teachers import resolve_teacher
 
         teacher, _ = resolve_teacher(args.teacher)
     cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, loss=args.loss, temperature=args.temperature,

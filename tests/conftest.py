@@ -8,6 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import io  # noqa: E402
 import json  # noqa: E402
 import zipfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -131,6 +133,51 @@ def tiny_archive_path(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("archives") / "tiny.d3m"
     d3mfmt.save_file(archive_for(tiny_model), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A 3-class ImageFolder (red, green, blue) the tiny teacher classifies perfectly (tests/tiny_teacher.py)."""
+    from tiny_teacher import make_imagefolder
+
+    return make_imagefolder(tmp_path_factory.mktemp("data") / "train")
+
+
+def tiny_build_args(model) -> list[str]:
+    """d3m-build options of the shared tiny build; everything else is the model's default (Stable Diffusion's)."""
+    return ["--model", str(model), "--teacher", "tiny_teacher:build_teacher", "--ipc", "2", "--grid", "2",
+            "--steps", "2", "--ti-steps", "4", "--device", "cpu"]
+
+
+def tiny_build_settings(model):
+    """The same build as :func:`tiny_build_args`, as library settings."""
+    from builder.inversion import InversionSettings
+    from builder.settings import BuildSettings
+
+    return BuildSettings(model=str(model), teacher="tiny_teacher:build_teacher", ipc=2, grid=2, steps=2,
+                         inversion=InversionSettings(steps=4))
+
+
+@dataclass(frozen=True)
+class TinyBuild:
+    """A finished d3m-build run; tests read it, and copy ``workdir`` before changing anything."""
+
+    out: Path  # tiny.d3m
+    workdir: Path  # tiny.d3m.work
+    stderr: str  # the closing summary
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_model, image_folder, tmp_path_factory) -> TinyBuild:
+    """One d3m-build of the tiny random model on :func:`image_folder`, shared by the builder tests."""
+    from click.testing import CliRunner
+
+    from builder.cli import main
+
+    out = tmp_path_factory.mktemp("build") / "tiny.d3m"
+    result = CliRunner().invoke(main, [str(image_folder), "-o", str(out), *tiny_build_args(tiny_model)])
+    assert result.exit_code == 0, result.output
+    return TinyBuild(out, out.with_name("tiny.d3m.work"), result.stderr)
 
 
 def pytest_addoption(parser):

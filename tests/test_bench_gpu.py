@@ -44,8 +44,8 @@ def test_micro_run_has_every_json_key_and_a_table(tmp_path):
 
 
 def test_imagenet_extrapolation_scales_each_stage_to_the_builder_defaults():
-    from builder.defaults import STABLE_DIFFUSION
     from builder.patches import PatchSettings
+    from builder.settings import STABLE_DIFFUSION
 
     s = replace(bench_gpu.FULL, build_max_images=20, build_ipc=5, steps=30)
     hours = bench_gpu.imagenet_hours({"select": 2.0, "invert": 99.0, "label": 3.0}, 4.0, s)

@@ -1,4 +1,7 @@
-"""Own data, safely: the class-order and model-domain guards, required model/teacher, option validation."""
+"""Own data, safely: the class-order and model-domain guards, required model/teacher, option validation.
+
+The class-order rule is tested on confusion matrices directly; the CLI builds here are one class each.
+"""
 
 import itertools
 import json
@@ -7,23 +10,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tiny_teacher import make_imagefolder
+from tiny_teacher import build_permuted_teacher
 
 import d3mfmt
 from builder.cli import main
-from builder.guards import best_assignment, check_class_order, domain_problems
+from builder.guards import best_assignment, check_class_order, domain_problems, teacher_confusion
+from builder.sources import ImageFolderSource, read_class_list
 from d3mfmt import ClassInfo, D3MError
 
 
 def tiny_args(model):
+    """One cheap class build; ``--guidance`` and ``--template`` are the old spellings, kept as aliases."""
     return ["--model", str(model), "--teacher", "tiny_teacher:build_teacher", "--ipc", "1", "--grid", "2",
             "--steps", "2", "--guidance", "2.0", "--template", "a photo of {token}", "--ti-steps", "2",
             "--ti-batch", "2", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("guards") / "train")
+@pytest.fixture
+def data(image_folder):
+    return image_folder
 
 
 def test_best_assignment_matches_brute_force():
@@ -58,7 +63,7 @@ def test_class_order_rule_needs_a_permutation_that_fixes_it(tmp_path):
     assert check_class_order(np.eye(4, dtype=int) * 9, classes, None).agreement.tolist() == [1, 1, 1, 1]
 
 
-def test_permuted_teacher_stops_before_inversion_and_the_suggested_order_builds(tiny_model, data, tmp_path):
+def test_permuted_teacher_stops_before_inversion_and_the_suggested_order_passes(tiny_model, data, tmp_path):
     out = tmp_path / "x.d3m"
     args = [str(data), "-o", str(out), *tiny_args(tiny_model)]
     args[args.index("tiny_teacher:build_teacher")] = "tiny_teacher:build_permuted_teacher"
@@ -69,43 +74,46 @@ def test_permuted_teacher_stops_before_inversion_and_the_suggested_order_builds(
     suggestion = tmp_path / "x.classes.txt"
     assert suggestion.read_text() == "c_blue\na_red\nb_green\n"
     assert not out.exists() and not (tmp_path / "x.d3m.work").exists()  # nothing built, nothing half-written
-    again = CliRunner().invoke(main, [*args, "--classes", str(suggestion)])
+    # in the suggested order the teacher takes every folder for its own class
+    ids, names = read_class_list(suggestion)
+    counts = teacher_confusion(ImageFolderSource(data, ids, names), build_permuted_teacher(), 16, "cpu")
+    report = check_class_order(counts, ImageFolderSource(data, ids, names).classes, None)
+    assert report.misordered() == [] and report.agreement.tolist() == [1.0, 1.0, 1.0]
+    # and the build takes it (one shard of one class is enough to pass the check), or the override
+    again = CliRunner().invoke(main, [*args, "--classes", str(suggestion), "--shard", "0/3"])
     assert again.exit_code == 0, again.output
-    archive = d3mfmt.load_file(out)
-    assert [c.id for c in archive.manifest.dataset.classes] == ["c_blue", "a_red", "b_green"]
-    agreement = archive.manifest.build["agreement"]
-    assert set(agreement) == {"c_blue", "a_red", "b_green"} and all(v["real"] == 1.0 for v in agreement.values())
-    # the override builds the misordered archive when asked
-    forced = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "forced.d3m"), "--ignore-class-order"])
+    record = json.loads((tmp_path / "x.d3m.work" / "settings.json").read_text())
+    assert [c["id"] for c in record["classes"]] == ["c_blue", "a_red", "b_green"]
+    forced = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "forced.d3m"), "--ignore-class-order",
+                                       "--shard", "0/3"])
     assert forced.exit_code == 0, forced.output
 
 
-def test_domain_guard_warns_records_and_min_agreement_fails(tiny_model, data, tmp_path):
+def test_domain_guard_warns_records_and_min_agreement_fails(tiny_build, tmp_path):
     # the tiny random model cannot render the coloured images: the teacher sees colour noise
-    out = tmp_path / "d.d3m"
-    result = CliRunner().invoke(main, [str(data), "-o", str(out), *tiny_args(tiny_model)])
-    assert result.exit_code == 0, result.output
-    build = d3mfmt.load_file(out).manifest.build
+    build = d3mfmt.load_file(tiny_build.out).manifest.build
     real = [build["agreement"][c]["real"] for c in ("a_red", "b_green", "c_blue")]
     regen = [build["agreement"][c]["regenerated"] for c in ("a_red", "b_green", "c_blue")]
     low = domain_problems(real, regen)
     assert low, (real, regen)  # the premise of this test: some class renders far below its real agreement
-    assert f"WARNING: {len(low)} of 3 classes render poorly" in result.stderr
-    assert "the model does not render this class's images the way your teacher sees them" in result.stderr
+    assert f"WARNING: {len(low)} of 3 classes render poorly" in tiny_build.stderr
+    assert "the model does not render this class's images the way your teacher sees them" in tiny_build.stderr
     assert np.isclose(build["regenerated_patch_agreement"], np.mean(regen), atol=1e-4)
     # d3m-inspect shows the agreement and marks the same low classes
     from d3mfmt.cli import inspect_main
 
-    shown = CliRunner().invoke(inspect_main, [str(out)])
+    shown = CliRunner().invoke(inspect_main, [str(tiny_build.out)])
     assert shown.exit_code == 0 and f"of regenerated patches (selected real patches: {100 * np.mean(real):.1f}%)" in shown.output
     assert f"LOW         {len(low)} of 3 classes render poorly" in shown.output
-    as_json = json.loads(CliRunner().invoke(inspect_main, [str(out), "--json"]).output)
+    as_json = json.loads(CliRunner().invoke(inspect_main, [str(tiny_build.out), "--json"]).output)
     assert [r["id"] for r in as_json["agreement"]["low"]] == [("a_red", "b_green", "c_blue")[c] for c in low]
-    # the same build with a threshold above a class's agreement: a clean failure, no archive
+    # a threshold above a class's agreement: a clean failure, no archive (the build's own case: below)
     strict = tmp_path / "strict.d3m"
-    failed = CliRunner().invoke(main, [str(data), "-o", str(strict), *tiny_args(tiny_model),
+    failed = CliRunner().invoke(main, ["merge", str(tiny_build.workdir), "-o", str(strict),
                                        "--min-agreement", str(min(regen) + 0.01)])
     assert failed.exit_code == 1 and "below --min-agreement" in failed.stderr and "Traceback" not in failed.output
+    worst = ("a_red", "b_green", "c_blue")[int(np.argmin(regen))]
+    assert f"'{worst}' {100 * min(regen):.0f}% (real 100%)" in failed.stderr
     assert not strict.exists()
 
 
@@ -121,6 +129,8 @@ def test_real_data_needs_model_and_teacher(data, tmp_path):
     assert result.exit_code == 1 and "needs --teacher" in result.stderr
     result = CliRunner().invoke(main, ["--demo", str(data), "-o", str(tmp_path / "x.d3m")])
     assert result.exit_code == 1 and "drop DATA" in result.stderr
+    result = CliRunner().invoke(main, ["--demo", "--revision", "main", "-o", str(tmp_path / "x.d3m")])
+    assert result.exit_code == 1 and "drop --revision" in result.stderr
     assert not list(tmp_path.iterdir())
 
 
@@ -134,15 +144,18 @@ def test_real_data_needs_model_and_teacher(data, tmp_path):
     ("--ti-lr", "0", "--ti-lr must be a positive number"),
     ("--ti-lr", "nan", "--ti-lr must be a positive number"),
     ("--ti-batch", "0", "--ti-batch must be >= 1, got 0"),
-    ("--vectors", "0", "--vectors must be in 1..16"),
-    ("--guidance", "0.5", "--guidance must be >= 1"),
+    ("--n-vectors", "0", "--n-vectors must be in 1..16"),
+    ("--vectors", "17", "--n-vectors must be in 1..16"),
+    ("--guidance-scale", "0.5", "--guidance-scale must be >= 1"),
+    ("--guidance", "0.5", "--guidance-scale must be >= 1"),
     ("--grid", "9", "--grid must be in 1..8"),
     ("--seed", "-1", "--seed must be in"),
     ("--seed-candidates", "0", "--seed-candidates must be >= 1"),
     ("--temperature", "0", "--temperature must be a positive number"),
-    ("--template", "no token", "--template must contain '{token}'"),
+    ("--prompt-template", "no token", "--prompt-template must contain '{token}'"),
+    ("--template", "{token} {token}", "--prompt-template must contain '{token}' exactly once"),
     ("--min-agreement", "1.5", "--min-agreement must be a fraction"),
-    ("--k", "0", "label options (--labels, --k, --values) for 3 classes: labels.k must be in 1..3"),
+    ("--k", "0", "label options (--label-kind, --k, --values) for 3 classes: labels.k must be in 1..3"),
     ("--shard", "3/2", "--shard 3/2: need 0 <= i < n"),
     ("--classes", "/nonexistent/classes.txt", "--classes /nonexistent/classes.txt"),
 ])
@@ -163,20 +176,31 @@ def test_merge_is_its_own_action(tmp_path):
     assert "merge" in help_text and "build" in help_text
 
 
-def test_settings_record_the_resolved_model_defaults(tiny_model, data, tmp_path):
-    from builder.defaults import STABLE_DIFFUSION
+def test_settings_record_the_resolved_model_defaults(tiny_build):
+    from builder.settings import STABLE_DIFFUSION
 
-    wd = tmp_path / "x.d3m.work"
-    args = [str(data), "-o", str(tmp_path / "x.d3m"), "--model", str(tiny_model), "--teacher",
-            "tiny_teacher:build_teacher", "--ipc", "1", "--steps", "2", "--ti-steps", "1", "--shard", "0/3",
-            "--device", "cpu", "--template", "a photo of {token}"]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    settings = json.loads((wd / "settings.json").read_text())["settings"]
+    settings = json.loads((tiny_build.workdir / "settings.json").read_text())["settings"]
     # a folder model is a Stable-Diffusion-family model: its defaults, and the UNet's native size
     assert settings["guidance_scale"] == STABLE_DIFFUSION.guidance_scale
+    assert settings["prompt_template"] == STABLE_DIFFUSION.collage_template
     assert settings["inversion"]["lr"] == STABLE_DIFFUSION.ti_lr and settings["inversion"]["batch"] == STABLE_DIFFUSION.ti_batch
-    assert settings["inversion"]["steps"] == 1 and settings["resolution"] == 32
+    assert settings["inversion"]["steps"] == 4 and settings["steps"] == 2 and settings["resolution"] == 32
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--label-kind", "hard", "--k", "3"], "--label-kind hard stores one class index per patch"),
+    (["--labels", "hard", "--values", "u8"], "drop --k, --values and --temperature"),
+    (["--label-kind", "hard", "--temperature", "2"], "drop --k, --values and --temperature"),
+    (["--label-kind", "dense", "--k", "2"], "--label-kind dense stores every class: drop --k"),
+])
+def test_an_option_without_its_mode_is_an_error(data, tmp_path, options, message):
+    result = CliRunner().invoke(main, [str(data), "-o", str(tmp_path / "x.d3m"), "--model", "d3m/tiny-mnist",
+                                       "--teacher", "tiny_teacher:build_teacher", *options])
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    merge = CliRunner().invoke(main, ["merge", str(tmp_path), "-o", str(tmp_path / "x.d3m"),
+                                      *[o for o in options if o not in ("--temperature", "2")]])
+    assert merge.exit_code == 1 and "d3m-build: --label-kind" in merge.stderr, merge.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_class_list_files_empty_non_utf8_and_spaces(tmp_path):
@@ -197,9 +221,10 @@ def test_min_agreement_holds_for_resumed_shard_classes(tiny_model, data, tmp_pat
     first = CliRunner().invoke(main, args)
     second = CliRunner().invoke(main, args)  # the failing class is checkpointed: a rerun must not skip the check
     assert first.exit_code == second.exit_code == 1 and "below --min-agreement 1" in second.stderr
+    assert f"finished classes stay in {tmp_path / 's.d3m.work'}" in first.stderr
     ok = CliRunner().invoke(main, [*args[:-2], "--labels", "topk", "--k", "2"])
     assert ok.exit_code == 0, ok.output
-    assert "d3m-build merge" in ok.stderr and "--labels topk --k 2 --values u8sqrt" in ok.stderr
+    assert "d3m-build merge" in ok.stderr and "--label-kind topk --k 2 --values u8sqrt" in ok.stderr
 
 
 def test_empty_preview_selection_is_an_error(tmp_path):

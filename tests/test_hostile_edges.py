@@ -18,9 +18,12 @@ from conftest import make_archive
 from tiny_teacher import make_imagefolder
 
 import d3mfmt
-from builder.build import BuildSettings, InversionSettings, build, write_archive
+from builder.assemble import write_archive
+from builder.inversion import InversionSettings
+from builder.pipeline import build
+from builder.settings import BuildSettings, RunOptions
 from builder.sources import ImageFolderSource
-from builder.teacher_spec import check_teacher_width, resolve_teacher
+from builder.teachers import check_teacher_width, resolve_teacher
 from builder.workdir import Workdir
 from d3mfmt import ClassInfo, D3MDataset, D3MError
 from d3mfmt.cli import inspect_main
@@ -177,7 +180,7 @@ def test_build_logs_escape_class_folder_names(tiny_model, tmp_path, caplog):
     data = make_imagefolder(tmp_path / "data", classes=("a_red" + ESC, "b_green", "c_blue"), per_class=2)
     caplog.set_level(logging.INFO, logger="d3m-build")
     build(ImageFolderSource(data), _settings(tiny_model, inversion=InversionSettings(steps=1, batch=2)),
-          tmp_path / "wd", shard=(0, 3), device="cpu", progress=False)
+          tmp_path / "wd", run=RunOptions(shard=(0, 3), device="cpu", progress=False))
     messages = [r.getMessage() for r in caplog.records]
     assert any("a_red\\x1b[2J" in m for m in messages), messages
     assert all(_no_controls(m) for m in messages)
@@ -301,7 +304,7 @@ def _finished_workdir(path: Path) -> Workdir:
         probs = rng.dirichlet(np.ones(3), 8).astype(np.float32)
         wd.save_class(c, {"embedding": rng.normal(size=(1, 8)).astype(np.float32), "seeds": np.arange(2) + 10 * c,
                           "probs": probs, "fingerprints": np.zeros((2, 4, 4), np.uint8)},
-                      {"accuracy": 0.5, "seconds": {"select": 0.0}})
+                      {"regenerated": 0.5, "seconds": {"select": 0.0}})
     return wd
 
 
@@ -345,7 +348,8 @@ def test_an_unwritable_output_folder_fails_before_any_class(tiny_model, tmp_path
     data = make_imagefolder(tmp_path / "data", per_class=2)
     out = unwritable_dir / "x.d3m"
     with pytest.raises(D3MError, match=r"cannot write in .*choose an output folder"):
-        build(ImageFolderSource(data), _settings(tiny_model), tmp_path / "wd", device="cpu", progress=False, out=out)
+        build(ImageFolderSource(data), _settings(tiny_model), tmp_path / "wd", run=RunOptions(device="cpu", progress=False),
+              out=out)
     assert not (tmp_path / "wd").exists()  # nothing was started
     wd = _finished_workdir(tmp_path / "wd2")
     with pytest.raises(D3MError, match="cannot write in"):

@@ -13,8 +13,9 @@ from builder.inversion import (
     sample_timesteps,
     validation_loss,
 )
-from d3mfmt.generator import placeholder_prompt, shared_pipeline
+from d3mfmt.generator import shared_pipeline
 from d3mfmt.models import model_identity
+from d3mfmt.prompts import placeholder_prompt
 
 TEMPLATE = "a photo of {token}"
 
@@ -98,7 +99,7 @@ def test_validation_does_not_change_the_training_stream(pipe, collages):
     (dict(timesteps="late"), "timesteps must be one of uniform, stratified"),
 ])
 def test_bad_validation_settings_are_refused(bad, message):
-    from builder.build import check_settings, demo_settings
+    from builder.settings import check_settings, demo_settings
     from d3mfmt import D3MError
 
     with pytest.raises(D3MError, match=message):
