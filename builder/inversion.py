@@ -22,6 +22,7 @@ started from.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from d3mfmt.prompts import placeholder_prompt
+from d3mfmt.terminal import printable
+
+log = logging.getLogger("d3m-build")
 
 
 @dataclass(frozen=True)
@@ -150,10 +154,21 @@ def validation_loss(pipe, ids: torch.Tensor, val: ValidationSet, noise_sched, ba
     return total / len(val.latents)
 
 
+def log_inversion(class_name: str, init_word: str, stats: dict, curve: list[float], steps: int) -> None:
+    """One log line per class: the initialising word, and how far validation got below it."""
+    init, best = stats["val_loss_init"], stats["val_loss_best"]
+    change = 100 * (best - init) / init if init else 0.0
+    log.info("class %s: init %r, val loss %.4f -> %.4f (%+.1f%%, at step %d of %d; validation %.1fs)%s",
+             printable(class_name), init_word, init, best, change, stats["best_step"], steps, stats["val_seconds"],
+             f", train loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "")
+
+
 def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: str, placeholder: str,
-                       settings: InversionSettings, g: torch.Generator, val_g: torch.Generator,
-                       log=None) -> tuple[np.ndarray, list[float], dict]:
+                       settings: InversionSettings, g: torch.Generator,
+                       val_g: torch.Generator) -> tuple[np.ndarray, list[float], dict]:
     """Learn ``[n_vectors, D]`` so the frozen model renders ``collages`` from the template prompt.
+
+    Logs (logger ``d3m-build``) the initialising word and the validation loss it reached.
 
     Args:
         g: the training stream (batches, timesteps, noise).
@@ -205,8 +220,5 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     curve = [float(np.mean(losses[i : i + tenth])) for i in range(0, len(losses), tenth)]
     stats = {"val_loss_init": val_init, "val_loss_best": val_best, "best_step": best_step, "val_curve": val_curve,
              "val_seconds": val_seconds}
-    if log:
-        change = 100 * (val_best - val_init) / val_init if val_init else 0.0
-        log(f"init {init_word!r}, val loss {val_init:.4f} -> {val_best:.4f} ({change:+.1f}%, at step {best_step} "
-            f"of {settings.steps}; validation {val_seconds:.1f}s)" + (f", train loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else ""))
+    log_inversion(class_name, init_word, stats, curve, settings.steps)
     return best.cpu().numpy().astype(np.float32), curve, stats

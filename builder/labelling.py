@@ -1,4 +1,4 @@
-"""Seeds and soft labels, computed on exactly the pixels consumers regenerate.
+"""Seeds, random streams and soft labels, computed on exactly the pixels consumers regenerate.
 
 Both go through ``d3mfmt.generator.Regenerator``, the code ``D3MDataset`` runs:
 a collage is rendered from (embedding, seed), split row-major into patches,
@@ -12,6 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from d3mfmt.generator import fingerprint, split_patches
+
+RENDER_BATCH = 16  # images per render call
+
+
+def class_generator(base_seed: int, c: int, stream: int) -> torch.Generator:
+    """A torch generator fixed by (base seed, class, stream): shards agree with single runs."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([base_seed, c, stream]).integers(2**62)))
 
 
 def class_seeds(base_seed: int, c: int, count: int) -> list[int]:
@@ -31,9 +38,10 @@ def teacher_probs(teacher, patches: torch.Tensor, temperature: float, device: st
 
 
 def render_and_label(regen, c: int, seeds: list[int], teacher, grid: int, temperature: float,
-                     fingerprint_size: int | None, device: str, render_batch: int = 16):
+                     fingerprint_size: int | None, device: str):
     """Render class ``c``'s images for ``seeds``; return (probs ``[n*g*g, C]``, fingerprints, patches)."""
-    images = torch.cat([regen.render(c, seeds[s : s + render_batch]) for s in range(0, len(seeds), render_batch)])
+    step = RENDER_BATCH
+    images = torch.cat([regen.render(c, seeds[s : s + step]) for s in range(0, len(seeds), step)])
     patches = split_patches(images, grid).flatten(0, 1)
     probs = teacher_probs(teacher, patches, temperature, device)
     prints = None if fingerprint_size is None else fingerprint(images, fingerprint_size)

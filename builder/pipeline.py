@@ -46,7 +46,7 @@ from .assemble import (BuildResult, archive_manifest, check_labels, enforce_min_
                        summarize_build, write_archive)
 from .guards import check_class_order, domain_message, domain_problems, teacher_confusion
 from .inversion import invert_class_token
-from .labelling import choose_seeds, class_seeds, render_and_label
+from .labelling import choose_seeds, class_generator, class_seeds, render_and_label
 from .patches import make_collages, select_patches
 from .settings import BuildSettings, RunOptions, check_settings, resolve_settings
 from .shards import shard_classes, shard_device
@@ -209,11 +209,6 @@ def build_classes(ctx: BuildContext, workdir: Path, run: RunOptions) -> Workdir:
     return wd
 
 
-def class_generator(seed: int, c: int, stream: int) -> torch.Generator:
-    """A torch generator fixed by (base seed, class, stream): shards agree with single runs."""
-    return torch.Generator().manual_seed(int(np.random.default_rng([seed, c, stream]).integers(2**62)))
-
-
 def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     """Steps 1-6 for class ``c``; returns (tensors, metadata) for its checkpoint."""
     s, gen, teacher, device = ctx.settings, ctx.generator, ctx.teacher, ctx.device
@@ -237,7 +232,7 @@ def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     # 4. textual inversion
     t0 = time.perf_counter()
     vectors, _, inversion = invert_class_token(ctx.pipe, collages, info.name, gen.prompt_template, gen.placeholder,
-                                               s.inversion, g, val_g, log=lambda m: log.info("class %s: %s", name, m))
+                                               s.inversion, g, val_g)
     times["invert"] = time.perf_counter() - t0
     # 5-6. seeds, regeneration through d3mfmt, soft labels, fingerprints
     t0 = time.perf_counter()
