@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One intra-op thread per test process (set before torch loads; subprocesses inherit it). The tensors here
+# are tiny, and when processes share the cores, idle OpenMP threads spin: on two shared cores the builder
+# tests took 10x the CPU time with the default. Renders are single-threaded anyway (generator.single_thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import io  # noqa: E402
 import json  # noqa: E402

@@ -18,7 +18,7 @@ KEYS = {"raw_images_per_s", "dataset_images_per_s", "max_pixel_diff_levels", "ti
         "imagenet_ipc10_gpu_hours", "device", "max_fingerprint_drift", "drift", "builder_seconds_per_class",
         "imagenet_ipc10_seconds_per_class", "peak_rss_gib", "mode", "settings", "ti_steps_per_s_default_batch"}
 
-MICRO = replace(bench_gpu.QUICK, resolution=16, raw_batches=(1, 2), raw_calls_at_1=1, classes=26, ipc=8,
+MICRO = replace(bench_gpu.QUICK, resolution=16, steps=1, raw_batches=(1, 2), raw_calls_at_1=1, classes=26, ipc=8,
                 render_batch=4, dataset_images=4, ti_batch=2, ti_steps=1, build_ipc=1, build_ti_steps=1,
                 build_max_images=2)
 
