@@ -38,6 +38,8 @@ log = logging.getLogger("d3m-build")
 
 @dataclass(frozen=True)
 class InversionSettings:
+    """Textual inversion of one class token (``None``: the model's default, builder/settings.py)."""
+
     steps: int | None = None  # None: the model's default (builder/settings.py)
     lr: float | None = None
     batch: int | None = None

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class PatchSettings:
+    """Patch selection: how many real images and random crops the teacher scores per class."""
+
     n_crops: int = 5  # random resized crops scored per real image (RDED: 5)
     scale: tuple[float, float] = (0.5, 1.0)  # crop area as a fraction of the image
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range
