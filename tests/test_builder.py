@@ -6,8 +6,14 @@ merge start from copies of its work directory, so each builds one class, not thr
 
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +32,7 @@ from builder.sources import ImageFolderSource
 from builder.workdir import Workdir
 from d3mfmt import D3MError
 
+ROOT = Path(__file__).resolve().parent.parent
 CPU = RunOptions(device="cpu", progress=False)
 
 
@@ -126,6 +133,28 @@ def test_resume_after_a_killed_build_gives_the_same_archive(tiny_model, image_fo
     assert again.exit_code == 0, again.output
     assert "resuming: 2 of 3 classes already done" in caplog.text
     assert (wd / "classes" / "000000.safetensors").read_bytes() == finished  # not built again
+    assert out.read_bytes() == tiny_build.out.read_bytes()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_gives_the_same_archive(tiny_model, image_folder, tiny_build, tmp_path):
+    # the real thing the test above reproduces: SIGKILL a d3m-build process after its first class
+    out, wd = tmp_path / "tiny.d3m", tmp_path / "wd"
+    cmd = [sys.executable, "-c", "from builder.cli import main; main()", str(image_folder), "-o", str(out),
+           *tiny_build_args(tiny_model), "--workdir", str(wd)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (wd / "classes" / "000000.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = sorted(p.name for p in (wd / "classes").glob("*.safetensors"))
+    assert "000000.safetensors" in done and len(done) < 3, done
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
     assert out.read_bytes() == tiny_build.out.read_bytes()
 
 
