@@ -39,13 +39,14 @@ from d3mfmt import (
     LabelEncoding,
     Manifest,
     ModelRef,
+    RenderOptions,
     SourceInfo,
     TeacherInfo,
 )
+from d3mfmt.agreement import LOW_AGREEMENT_FLOOR
 from d3mfmt.generator import Regenerator, check_device, default_device, default_dtype, shared_pipeline
 from d3mfmt.manifest import generator_from_dict, generator_to_dict
 from d3mfmt.models import model_identity, resolve_model
-from d3mfmt.summary import LOW_AGREEMENT_FLOOR
 from d3mfmt.terminal import printable
 
 from .defaults import resolve_settings
@@ -229,7 +230,7 @@ def build_class(c: int, info: ClassInfo, source, teacher, pipe, gen: GeneratorIn
     t0 = time.perf_counter()
     # the archive stores fp16 vectors: label exactly what a consumer will render from them
     vectors = vectors.astype(np.float16).astype(np.float32)
-    regen = Regenerator(gen, vectors[None], device=device, dtype=gen.dtype)
+    regen = Regenerator(gen, vectors[None], RenderOptions(device=device, dtype=gen.dtype))
     candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
     seeds = choose_seeds(regen, 0, c, candidates, s.ipc, teacher, s.grid, device)
     probs, prints, _ = render_and_label(regen, 0, seeds, teacher, s.grid, s.temperature, s.fingerprint_size, device)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d3mfmt.generator import placeholder_prompt
+from d3mfmt.prompts import placeholder_prompt
 
 
 @dataclass(frozen=True)

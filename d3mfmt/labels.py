@@ -135,19 +135,6 @@ class LabelTable:
             )
         return out
 
-    def top1(self) -> np.ndarray:
-        """The most probable class of every row, int64 [rows]."""
-        if self.encoding.kind == "hard":
-            return self.indices.astype(np.int64)
-        out = np.empty(self.rows, dtype=np.int64)
-        for part in _row_chunks(self.rows, self.values.shape[1]):
-            if self.encoding.kind == "dense":
-                out[part] = self.values[part].argmax(axis=1)
-            else:
-                best = _decode_values(self.encoding.values, self.values[part]).argmax(axis=1)
-                out[part] = self.indices[part][np.arange(len(best)), best]
-        return out
-
     def payload(self) -> bytes:
         """The uncompressed payload bytes (indices first, then values)."""
         parts = [a.tobytes() for a in (self.indices, self.values) if a is not None]

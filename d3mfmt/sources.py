@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .container import MAX_ARCHIVE_BYTES
 from .errors import D3MError
-from .models import identity_cache_dir
+from .files import cache_root, safe_file_name
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ _HF_ID = re.compile(
 )
 _DIGEST = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def resolve_archive(
@@ -165,8 +164,8 @@ def _resolve_hub(ref: str, allow_download: bool) -> Path:
 
 
 def url_cache_dir() -> Path:
-    """Where pinned URLs are kept: ``<d3mfmt cache>/archives`` (see models.identity_cache_dir)."""
-    return identity_cache_dir() / ARCHIVES_CACHE
+    """Where pinned URLs are kept: ``<d3mfmt cache>/archives`` (see files.cache_root)."""
+    return cache_root() / ARCHIVES_CACHE
 
 
 def _check_digest(value: str | None, where: str) -> str | None:
@@ -181,8 +180,8 @@ def _check_digest(value: str | None, where: str) -> str | None:
 
 def _url_name(path: str) -> str:
     """A safe file name for a URL's last path segment, ending in .d3m."""
-    name = _SAFE_NAME.sub("_", urllib.parse.unquote(path.rsplit("/", 1)[-1])).strip("._")[:100] or "archive"
-    return name if name.endswith(".d3m") else name + ".d3m"
+    return safe_file_name(urllib.parse.unquote(path.rsplit("/", 1)[-1]), default="archive", suffix=".d3m",
+                          max_chars=100)
 
 
 def _resolve_url(ref: str, expected: str | None, allow_download: bool, allow_unpinned: bool, progress: bool) -> Path:

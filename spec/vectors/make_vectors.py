@@ -97,7 +97,7 @@ def topk() -> Archive:
 
     The class embeddings are d3m/tiny-mnist's own input embeddings of the digit
     words, the model identity is pinned, and the fingerprints are those of the
-    images the built-in model renders, so `d3m-inspect --verify` passes.
+    images the built-in model renders, so `d3m-inspect verify` passes.
     """
     from d3mfmt.generator import Regenerator, fingerprint, shared_pipeline
     from d3mfmt.models import model_identity, resolve_model
@@ -121,7 +121,7 @@ def topk() -> Archive:
         fingerprint_size=4,
     )
     seeds = rng.integers(0, 2**31, (10, 2), dtype=np.int64)
-    regen = Regenerator(gen, embeddings, device="cpu")
+    regen = Regenerator(gen, embeddings, d3mfmt.RenderOptions(device="cpu"))
     prints = np.stack([fingerprint(regen.render(c, seeds[c].tolist()), 4) for c in range(10)])
     true = np.repeat(np.arange(10), 2 * 4)
     return Archive(
