@@ -13,8 +13,9 @@ from builder.inversion import (
     sample_timesteps,
     validation_loss,
 )
-from d3mfmt.generator import placeholder_prompt, shared_pipeline
+from d3mfmt.generator import shared_pipeline
 from d3mfmt.models import model_identity
+from d3mfmt.prompts import placeholder_prompt
 
 TEMPLATE = "a photo of {token}"
 
