@@ -233,7 +233,7 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
     file_bytes, file_sha256 = len(data), hashlib.sha256(data).hexdigest()
     s = summarize(archive, {name: len(b) for name, b in members.items()}, file_bytes)
     m = archive.manifest
-    ds, gen, lab, teacher = m.dataset, m.generator, s["labels"], m.teacher
+    ds, gen = m.dataset, m.generator
     ref = f"hf://datasets/{repo_id}/{file_name}" if repo_id else file_name
     meta = yaml.safe_dump(front_matter(archive), sort_keys=False, allow_unicode=True, width=1 << 16)
     # 1. what this is
@@ -267,9 +267,15 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
     # 3. classes
     parts += ["## Classes", _table(("index", "id", "name"), [(str(i), c.id, c.name) for i, c in enumerate(ds.classes)],
                                    MAX_CLASS_ROWS, "classes (see `d3m-inspect summary --json`)")]
-    # 4. generator, teacher, labels, source
-    model = gen.model
-    parts += [
+    # 4. generator, teacher, labels, source; 5. build provenance, and how to check the pixels
+    parts += _recipe_sections(m, s["labels"]) + _provenance_sections(m, ref, repo_id)
+    return "\n\n".join(parts) + "\n"
+
+
+def _recipe_sections(m, lab: dict) -> list[str]:
+    """The generator, teacher, soft-label and source sections."""
+    ds, gen, teacher, model = m.dataset, m.generator, m.teacher, m.generator.model
+    return [
         "## Generator",
         f"- model {md_code(model.id)}, revision {md_code(model.revision or 'none')}, "
         f"content hash {md_code(model.identity or 'not pinned')}\n"
@@ -290,15 +296,18 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
         f"licence {md_escape(ds.source.license or 'unknown')}",
         "Images regenerated from it may also be subject to the diffusion model's licence.",
     ]
-    # 5. build provenance and whatever numbers the build recorded
+
+
+def _provenance_sections(m, ref: str, repo_id: str | None) -> list[str]:
+    """Whatever the build recorded, and the command that checks the pixels against the fingerprints."""
     rows = build_rows(m.build)
-    parts += ["## Build", _table(("key", "value"), rows, MAX_BUILD_ROWS, "entries (see manifest.json's build)")
-              if rows else "no build information recorded"]
+    parts = ["## Build", _table(("key", "value"), rows, MAX_BUILD_ROWS, "entries (see manifest.json's build)")
+             if rows else "no build information recorded"]
     if m.fingerprint_size is not None:
         verify = f"d3m-inspect verify {shlex.quote(ref)}" + (" --allow-download" if repo_id else "")
         parts += ["## Check it", _fenced("bash", verify)
                   + "\n\nregenerates a sample and compares it with the fingerprints stored in the archive."]
-    return "\n\n".join(parts) + "\n"
+    return parts
 
 
 # -- the folder --------------------------------------------------------------------
