@@ -175,8 +175,10 @@ def _archive_input(render: bool = False, cache: bool = False):
 
 
 def _out_option(kind: str, what: str):
+    """``-o/--out``: a PNG file, or a folder."""
     path_type = click.Path(dir_okay=False) if kind == "file" else click.Path(file_okay=False)
-    return click.option("-o", "--out", required=True, type=path_type, help=what)
+    return click.option("-o", "--out", required=True, type=path_type, metavar="PNG" if kind == "file" else "DIR",
+                        help=what)
 
 
 @click.group("d3m-inspect", cls=_Group, default_command="summary", subcommand_metavar="[COMMAND] FILE [ARGS]...",

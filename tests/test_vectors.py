@@ -59,6 +59,12 @@ def test_writer_reproduces_golden_bytes_of_topk(topk_fingerprints):
     assert made == TOPK.read_bytes()
 
 
+def test_make_vectors_fingerprints_every_image_it_renders(tiny_archive_path):
+    """The rendering half of make_vectors.topk(), on the tiny archive (12 small images, not 20 large ones)."""
+    tiny = d3mfmt.load_file(tiny_archive_path)
+    np.testing.assert_array_equal(_make_vectors().rendered_fingerprints(tiny), tiny.fingerprints)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_reader_decodes_expected_contents(name, schema):
     data = (SPEC / "vectors" / f"{name}.d3m").read_bytes()
