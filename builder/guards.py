@@ -8,7 +8,7 @@
    folders to logits) for the user to pass back with ``--classes``.
 2. **Model domain.** After a class is regenerated, the teacher's agreement
    with the class on regenerated patches is compared with its agreement on the
-   selected real patches. Far below (d3mfmt.summary.low_agreement) means the model does not render this
+   selected real patches. Far below (d3mfmt.agreement.low_agreement) means the model does not render this
    class the way the teacher sees it; the archive would train poorly.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from d3mfmt import ClassInfo, D3MError
-from d3mfmt.container import write_atomic
-from d3mfmt.summary import low_agreement
+from d3mfmt.files import write_atomic
+from d3mfmt.agreement import low_agreement
 
 ORDER_SAMPLE = 32  # real images per class the class-order check classifies
 ORDER_MISMATCH = 0.5  # a class is misordered when over half its images go to one other class d, the best

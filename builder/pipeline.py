@@ -39,7 +39,7 @@ from d3mfmt.devices import check_device
 from d3mfmt.generator import Regenerator, default_dtype, shared_pipeline
 from d3mfmt.manifest import generator_to_dict
 from d3mfmt.models import model_identity, resolve_model
-from d3mfmt.summary import LOW_AGREEMENT_FLOOR
+from d3mfmt.agreement import LOW_AGREEMENT_FLOOR
 from d3mfmt.terminal import printable
 
 from .assemble import (BuildResult, archive_manifest, check_labels, enforce_min_agreement, merge_flags,
@@ -238,7 +238,7 @@ def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     # the archive stores fp16 vectors: label exactly what a consumer will render from them
     vectors = vectors.astype(np.float16).astype(np.float32)
-    regen = Regenerator(gen, vectors[None], device=device, dtype=gen.dtype)
+    regen = Regenerator(gen, vectors[None], RenderOptions(device=device, dtype=gen.dtype))
     candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
     seeds = choose_seeds(regen, 0, c, candidates, s.ipc, teacher, s.grid, device)
     probs, prints, _ = render_and_label(regen, 0, seeds, teacher, s.grid, s.temperature, s.fingerprint_size, device)

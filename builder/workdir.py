@@ -17,7 +17,7 @@ import safetensors
 import safetensors.numpy
 
 from d3mfmt import D3MError
-from d3mfmt.container import write_atomic
+from d3mfmt.files import write_atomic
 from d3mfmt.terminal import printable
 
 SETTINGS_FILE = "settings.json"

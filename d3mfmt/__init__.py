@@ -23,13 +23,17 @@ from .manifest import (
     SourceInfo,
     TeacherInfo,
 )
+from .render import RenderOptions
 from .sources import resolve_archive
 
 __version__ = "0.1.0"
 
+_LAZY = {"D3MDataset": "dataset", "Regenerator": "generator"}  # torch-backed: imported on first use
+
 __all__ = [
     "Archive",
     "ClassInfo",
+    "D3MDataset",
     "D3MError",
     "D3MFormatError",
     "D3MModelError",
@@ -40,6 +44,8 @@ __all__ = [
     "LabelTable",
     "Manifest",
     "ModelRef",
+    "Regenerator",
+    "RenderOptions",
     "SourceInfo",
     "TeacherInfo",
     "content_hash",
@@ -54,12 +60,12 @@ __all__ = [
 
 def __getattr__(name: str):
     # torch-backed pieces load on first use, so reading archives stays torch-free
-    if name == "D3MDataset":
-        from .dataset import D3MDataset
+    if name in _LAZY:
+        import importlib
 
-        return D3MDataset
-    if name == "Regenerator":
-        from .generator import Regenerator
-
-        return Regenerator
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'd3mfmt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -14,7 +14,7 @@ never reuses pixels rendered under another.
 - VAE in fp32 when the pipeline is fp16 and the VAE's config says
   ``force_upcast`` (SD 1.x's VAE overflows fp16 in its decoder: NaN or black
   images). ``Regenerator`` additionally checks every decode for non-finite
-  values and never returns them (see ``generator.decode_latents``).
+  values and never returns them (see :func:`decode_latents` below).
 - ``torch.compile`` of the UNet: off by default; a compiled pipeline is a
   separate cache entry that shares the eager one's weights.
 """

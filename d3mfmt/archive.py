@@ -23,6 +23,7 @@ import safetensors.numpy
 
 from . import container
 from .errors import D3MError, D3MFormatError
+from .files import write_atomic
 from .labels import MAX_LABEL_TABLE, LabelTable, check_rows, compress, decompress
 from .jsonfields import check_tree, loads
 from .manifest import Manifest, MemberInfo
@@ -131,7 +132,7 @@ def save(archive: Archive) -> bytes:
 
 def save_file(archive: Archive, path: str | os.PathLike) -> None:
     """Write ``archive`` to ``path`` atomically (temporary file, then rename)."""
-    container.write_atomic(path, save(archive))
+    write_atomic(path, save(archive))
 
 
 # -- reading ------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A Hugging Face dataset card for an archive, generated from its manifest.
 
 :func:`write_card` writes a folder ready for ``huggingface-cli upload``: the
-archive, ``preview.png`` (the preview grid of ``d3m-inspect --preview``) and
+archive, ``preview.png`` (the preview grid of ``d3m-inspect preview``) and
 ``README.md`` with the Hub's YAML front matter and a body made from the
 manifest. Every manifest string is untrusted: front-matter values go through a
 YAML dumper, body text through :func:`md_escape`, code through :func:`md_code`.
@@ -19,14 +19,14 @@ import hashlib
 import os
 import re
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 
 from . import container
 from .archive import Archive, load_members
 from .errors import D3MError
+from .files import atomic_folder, check_new_folder, safe_file_name, write_atomic
 from .models import BUILTIN_NAMESPACE
+from .render import RenderOptions
 from .summary import summarize
 
 # Defaults (the CLI's too)
@@ -54,7 +54,6 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")  # inline markup, links, HTML, t
 _MD_LEADING = re.compile(r"^(?:([#+\-=])|(\d+)([.)]))(?=\s|$)")  # what opens a heading or list at a line start
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # -- escaping -------------------------------------------------------------------
@@ -176,12 +175,18 @@ def _table(header: tuple[str, ...], rows, limit: int, more: str) -> str:
 
 
 def loading_snippet(ref: str, allow_download: bool) -> str:
-    """The three lines that train from the archive with D3MDataset and a DataLoader."""
-    extra = ", allow_download=True" if allow_download else ""
+    """The lines that train from the archive with D3MDataset and a DataLoader."""
+    if not allow_download:
+        return (
+            "from torch.utils.data import DataLoader\n"
+            "from d3mfmt import D3MDataset\n"
+            f"loader = DataLoader(D3MDataset({ref!r}), batch_size=64, shuffle=True)"
+        )
     return (
         "from torch.utils.data import DataLoader\n"
-        "from d3mfmt import D3MDataset\n"
-        f"loader = DataLoader(D3MDataset({ref!r}{extra}), batch_size=64, shuffle=True)"
+        "from d3mfmt import D3MDataset, RenderOptions\n"
+        f"dataset = D3MDataset({ref!r}, render=RenderOptions(allow_download=True))\n"
+        "loader = DataLoader(dataset, batch_size=64, shuffle=True)"
     )
 
 
@@ -192,16 +197,18 @@ def _model_needs(gen) -> str:
     identity = md_code(model.identity or "not pinned")
     if not _REPO_ID.match(model.id):
         return (f"The model was a local folder ({md_code(model.id)}) when this archive was built: you need the same "
-                f"weights (content hash {identity}) as a diffusers folder, passed as `D3MDataset(..., model=FOLDER)`.")
+                f"weights (content hash {identity}) as a diffusers folder, passed as "
+                "`D3MDataset(..., render=RenderOptions(model=FOLDER))`.")
     command = ["huggingface-cli", "download", one_line(model.id)]
     if model.revision:
         command += ["--revision", one_line(model.revision)]
     return (
         "The diffusion model must be in the local Hugging Face cache (models are never fetched silently):\n\n"
         + _fenced("bash", " ".join(shlex.quote(part) for part in command))
-        + "\n\nor pass `allow_download=True` to `D3MDataset` (`--allow-download` for `d3m-inspect`). "
-        "Its files must hash to the pinned identity, which is checked before rendering; "
-        "`allow_model_mismatch=True` renders with other weights, and `d3m-inspect --verify` measures the drift."
+        + "\n\nor pass `render=RenderOptions(allow_download=True)` to `D3MDataset` (`--allow-download` for "
+        "`d3m-inspect`). Its files must hash to the pinned identity, which is checked before rendering; "
+        "`RenderOptions(allow_model_mismatch=True)` renders with other weights, and `d3m-inspect verify` "
+        "measures the drift."
     )
 
 
@@ -226,7 +233,7 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
     file_bytes, file_sha256 = len(data), hashlib.sha256(data).hexdigest()
     s = summarize(archive, {name: len(b) for name, b in members.items()}, file_bytes)
     m = archive.manifest
-    ds, gen, lab, teacher = m.dataset, m.generator, s["labels"], m.teacher
+    ds, gen = m.dataset, m.generator
     ref = f"hf://datasets/{repo_id}/{file_name}" if repo_id else file_name
     meta = yaml.safe_dump(front_matter(archive), sort_keys=False, allow_unicode=True, width=1 << 16)
     # 1. what this is
@@ -253,16 +260,22 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
     ]
     if repo_id is None:
         parts.append(f"Or from any URL, pinned by its sha256: `D3MDataset(\"https://…/{file_name}#sha256={file_sha256}\", "
-                     "allow_download=True)`.")
+                     "render=RenderOptions(allow_download=True))`.")
     if preview:
         parts += ["## Preview", f"The first classes, regenerated (stored top-1 label and probability on each patch):\n\n"
                   f"![preview]({PREVIEW})"]
     # 3. classes
     parts += ["## Classes", _table(("index", "id", "name"), [(str(i), c.id, c.name) for i, c in enumerate(ds.classes)],
-                                   MAX_CLASS_ROWS, "classes (see `d3m-inspect --json`)")]
-    # 4. generator, teacher, labels, source
-    model = gen.model
-    parts += [
+                                   MAX_CLASS_ROWS, "classes (see `d3m-inspect summary --json`)")]
+    # 4. generator, teacher, labels, source; 5. build provenance, and how to check the pixels
+    parts += _recipe_sections(m, s["labels"]) + _provenance_sections(m, ref, repo_id)
+    return "\n\n".join(parts) + "\n"
+
+
+def _recipe_sections(m, lab: dict) -> list[str]:
+    """The generator, teacher, soft-label and source sections."""
+    ds, gen, teacher, model = m.dataset, m.generator, m.teacher, m.generator.model
+    return [
         "## Generator",
         f"- model {md_code(model.id)}, revision {md_code(model.revision or 'none')}, "
         f"content hash {md_code(model.identity or 'not pinned')}\n"
@@ -274,7 +287,7 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
         f"- {md_code(teacher.name)}, identity {md_code(teacher.identity or 'none')}"
         + ("" if teacher.accuracy is None else f", held-out accuracy **{teacher.accuracy:.4f}**"),
         "## Soft labels",
-        f"- encoding {md_code(lab['encoding'])}" + ("" if lab["k"] is None else f", k = {lab['k']}")
+        f"- encoding {md_code(lab['kind'])}" + ("" if lab["k"] is None else f", k = {lab['k']}")
         + ("" if lab["values"] is None else f", values {md_code(lab['values'])}")
         + f", temperature {lab['temperature']:g}, {lab['bytes_per_patch']} bytes per patch",
         "## Source and licence",
@@ -283,21 +296,25 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
         f"licence {md_escape(ds.source.license or 'unknown')}",
         "Images regenerated from it may also be subject to the diffusion model's licence.",
     ]
-    # 5. build provenance and whatever numbers the build recorded
+
+
+def _provenance_sections(m, ref: str, repo_id: str | None) -> list[str]:
+    """Whatever the build recorded, and the command that checks the pixels against the fingerprints."""
     rows = build_rows(m.build)
-    parts += ["## Build", _table(("key", "value"), rows, MAX_BUILD_ROWS, "entries (see manifest.json's build)")
-              if rows else "no build information recorded"]
+    parts = ["## Build", _table(("key", "value"), rows, MAX_BUILD_ROWS, "entries (see manifest.json's build)")
+             if rows else "no build information recorded"]
     if m.fingerprint_size is not None:
-        verify = f"d3m-inspect {shlex.quote(ref)}" + (" --allow-download" if repo_id else "") + " --verify"
+        verify = f"d3m-inspect verify {shlex.quote(ref)}" + (" --allow-download" if repo_id else "")
         parts += ["## Check it", _fenced("bash", verify)
                   + "\n\nregenerates a sample and compares it with the fingerprints stored in the archive."]
-    return "\n\n".join(parts) + "\n"
+    return parts
 
 
 # -- the folder --------------------------------------------------------------------
 
 
 def write_card(source, out_dir: str | os.PathLike, *, repo_id: str | None = None,
+               render: RenderOptions = RenderOptions(), cache_dir: str | os.PathLike | None = None,
                preview_classes: int = CARD_PREVIEW_CLASSES, per_class: int = CARD_PREVIEW_PER_CLASS) -> Path:
     """Write a dataset-card folder: the archive, ``preview.png`` and ``README.md``.
 
@@ -305,10 +322,10 @@ def write_card(source, out_dir: str | os.PathLike, *, repo_id: str | None = None
     failure leaves no half-written card.
 
     Args:
-        source: a ``D3MDataset`` (its render settings make the preview) or
-            anything ``D3MDataset`` accepts as a path.
-        out_dir: the card folder; must not exist yet (or be empty).
+        source: the archive, as anything ``D3MDataset`` accepts as a path.
+        out_dir: the card folder; must not exist yet (or be empty); missing parents are created.
         repo_id: ``ORG/NAME`` the card will be uploaded to (used in the loading snippet).
+        render, cache_dir: how the preview renders, as for ``D3MDataset``.
         preview_classes, per_class: rows and columns of ``preview.png``.
 
     Returns:
@@ -320,41 +337,25 @@ def write_card(source, out_dir: str | os.PathLike, *, repo_id: str | None = None
     """
     # 1. check inputs before rendering anything
     out = Path(out_dir)
-    if repo_id is not None and not _REPO_ID.match(repo_id):
+    if repo_id is not None and (not isinstance(repo_id, str) or not _REPO_ID.match(repo_id)):
         raise D3MError(f"repo_id must look like 'org/name', got {repo_id!r}")
     for name, value in (("preview_classes", preview_classes), ("per_class", per_class)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise D3MError(f"{name} must be a positive integer, got {value!r}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise D3MError(f"{out} exists and is not an empty folder; pick a new folder for the card")
-    if not out.parent.is_dir():
-        raise D3MError(f"{out}: the folder {out.parent} does not exist; create it first")
-    if not hasattr(source, "images"):
-        from .dataset import D3MDataset
+    check_new_folder(out)
+    from .dataset import D3MDataset
 
-        source = D3MDataset(source)
+    dataset = D3MDataset(source, render=render, cache_dir=cache_dir)
     # 2. the archive's bytes and the card's text, before anything is written
-    data = container.read_bytes(source.path)
-    file_name = _SAFE_FILE.sub("_", Path(source.path).name).strip("._") or "archive.d3m"
-    file_name = file_name if file_name.endswith(".d3m") else file_name + ".d3m"
+    data = container.read_bytes(dataset.path)
+    file_name = safe_file_name(Path(dataset.path).name, default="archive", suffix=".d3m")
     text = card_text(data, file_name, repo_id=repo_id)
     # 3. assemble in a temporary folder beside out_dir, then rename it into place
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        from .export import preview_grid
+    from .export import preview_grid
 
-        classes = list(range(min(preview_classes, source.num_classes)))
-        preview_grid(source, classes, per_class).save(tmp / PREVIEW)
-        container.write_atomic(tmp / file_name, data)
+    with atomic_folder(out) as tmp:
+        classes = list(range(min(preview_classes, dataset.num_classes)))
+        preview_grid(dataset, classes, per_class).save(tmp / PREVIEW)
+        write_atomic(tmp / file_name, data)
         (tmp / README).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); rename needs the name free
-        os.rename(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise D3MError(f"{out}: cannot write the card ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -15,12 +15,11 @@ import io
 import os
 import stat
 import struct
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
-from .errors import D3MError, D3MFormatError
+from .errors import D3MFormatError
 
 MEDIA_TYPE = b"application/vnd.d3m+zip"
 MIMETYPE = "mimetype"
@@ -230,22 +229,3 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     if len(data) != st.st_size:
         raise D3MFormatError(f"{path}: read {len(data)} bytes but the file has {st.st_size}; it changed while being read")
     return data
-
-
-def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
-    """Write to a unique temporary file beside ``path`` (fsync'd when ``durable``), then rename over it."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise D3MError(f"{path}: the folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

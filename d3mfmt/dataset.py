@@ -13,33 +13,27 @@ With ``unit="image"`` (``len = classes * ipc``): ``(collage [3, H, W],
 labels [grid**2, C], class index)``. Index ``k`` of the patch unit is the label
 row ``k`` of the archive, ``(c * ipc + i) * grid**2 + j``.
 
-Rendered images go to an on-disk cache (one ``.npy`` of uint8 per image,
-written atomically, so DataLoader workers can share it) under a key made of the
-archive's content hash and every setting that changes pixels; the second
-epoch only reads. Each cache file is the ``.npy`` bytes followed by their
-sha256, and a read accepts only the exact header this image needs and a
-matching digest: a torn, corrupted, zeroed or foreign file is rendered again,
-and a header declaring a huge shape is never allocated. A cache folder that
-cannot be written keeps images in memory instead, with one warning.
+Rendered images go to an on-disk cache (``d3mfmt.pixelcache``: one file per
+image, written atomically, so DataLoader workers can share it) under a key
+made of the archive's content hash and every setting that changes pixels; the
+second epoch only reads. A damaged or foreign cache file is rendered again. A
+cache folder that cannot be written keeps images in memory instead, with one
+warning.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
-import stat
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .archive import Archive, load_file
-from .container import write_atomic
 from .errors import D3MError
+from .files import cache_root
 from .generator import (
     DEFAULT_RENDER_BATCH,
     Regenerator,
@@ -49,12 +43,12 @@ from .generator import (
     resolve_render_settings,
     split_patches,
 )
-from .models import identity_cache_dir
+from .pixelcache import PixelCache, cache_key
+from .render import RenderOptions, checked
 from .sources import resolve_archive
 
 UNITS = ("patch", "image")
 _MEMORY_IMAGES = 256  # decoded images kept per process
-_DIGEST = 32  # sha256 of the .npy bytes, appended to every cache file
 
 
 class D3MDataset(torch.utils.data.Dataset):
@@ -67,16 +61,14 @@ class D3MDataset(torch.utils.data.Dataset):
         transform: applied to each image tensor.
         target_transform: applied to each soft label (``[C]``, or ``[grid**2, C]`` with ``unit="image"``),
             e.g. sharpening with a temperature or ``lambda p: p.argmax()`` for hard labels.
-        cache_dir: where rendered images are kept (default ``$D3MFMT_CACHE_DIR``
-            or ``~/.cache/d3mfmt``, subfolder ``images``).
-        model: model id or directory overriding the archive's (see Regenerator).
-        device, dtype: rendering device and dtype (CUDA+fp16 when available, else CPU+fp32).
+        cache_dir: the root of the pixel cache (default ``$D3MFMT_CACHE_DIR``
+            or ``~/.cache/d3mfmt``, subfolder ``images``); this archive's images
+            go to its keyed subfolder :attr:`image_cache_dir`.
+        render: model, device, dtype and switches (:class:`d3mfmt.RenderOptions`;
+            default CUDA+fp16 when available, else CPU+fp32). Its ``allow_download``
+            also lets a hub or URL archive be fetched.
         render_batch: images per generation call; a call mixes classes to fill it.
-        allow_model_mismatch: render even if the model differs from the pinned one.
-        allow_download: fetch an archive (hub id or URL) or a hub model missing
-            from the local caches; off by default.
         sha256: expected sha256 of the archive file (instead of a URL fragment).
-        compile: ``torch.compile`` the UNet (off by default; see Regenerator).
     """
 
     def __init__(
@@ -87,34 +79,30 @@ class D3MDataset(torch.utils.data.Dataset):
         transform=None,
         target_transform=None,
         cache_dir: str | os.PathLike | None = None,
-        model: str | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
+        render: RenderOptions = RenderOptions(),
         render_batch: int = DEFAULT_RENDER_BATCH,
-        allow_model_mismatch: bool = False,
-        allow_download: bool = False,
         sha256: str | None = None,
-        compile: bool = False,
     ):
+        # 1. check inputs; the device before anything else is resolved
         if unit not in UNITS:
             raise D3MError(f"unit must be one of {list(UNITS)}, got {unit!r}")
         if not isinstance(render_batch, int) or render_batch < 1:
             raise D3MError(f"render_batch must be a positive integer, got {render_batch!r}")
-        self.path = resolve_archive(path, allow_download=allow_download, sha256=sha256)
+        render = checked(render)
+        device = render.device or default_device()
+        check_device(device)
+        # 2. fixed here, so that every worker renders alike: the resolved device and dtype
+        self.render = replace(render, device=device, dtype=render.dtype or default_dtype(device))
+        self.path = resolve_archive(path, allow_download=render.allow_download, sha256=sha256)
         self.unit, self.transform, self.render_batch = unit, transform, render_batch
         self.target_transform = target_transform
-        self.model, self.allow_model_mismatch, self.allow_download = model, allow_model_mismatch, allow_download
-        self.compile = bool(compile)
-        self.device = device or default_device()
-        check_device(self.device)
-        self.dtype = dtype or default_dtype(self.device)
-        self.cache_root = Path(cache_dir) if cache_dir is not None else identity_cache_dir() / "images"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "images"
         self._archive: Archive | None = load_file(self.path)
         ds = self._archive.manifest.dataset
         self.num_classes, self.ipc, self.grid = ds.num_classes, ds.ipc, ds.grid
         self.classes = [c.name for c in ds.classes]
         self._regen: Regenerator | None = None
-        self._cache_key: str | None = None
+        self._pixels: PixelCache | None = None
         self._memory: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self._cache_writable = True  # False after a failed write: memory only, warned once
 
@@ -135,31 +123,23 @@ class D3MDataset(torch.utils.data.Dataset):
     def regenerator(self) -> Regenerator:
         """The renderer, created on first use (loads the model)."""
         if self._regen is None:
-            a = self.archive
-            self._regen = Regenerator(
-                a.manifest.generator,
-                a.embeddings,
-                model=self.model,
-                device=self.device,
-                dtype=self.dtype,
-                allow_model_mismatch=self.allow_model_mismatch,
-                allow_download=self.allow_download,
-                compile=self.compile,
-            )
+            self._regen = Regenerator(self.archive.manifest.generator, self.archive.embeddings, self.render)
         return self._regen
 
     @property
-    def cache_dir(self) -> Path:
-        """This archive's cache folder: content hash + every pixel-changing setting."""
-        if self._cache_key is None:
-            _, settings = resolve_render_settings(
-                self.archive.manifest.generator, model=self.model, device=self.device, dtype=self.dtype,
-                allow_model_mismatch=self.allow_model_mismatch, allow_download=self.allow_download,
-                compile=self.compile,
-            )
-            parts = {"content_hash": self.archive.content_hash, **settings.key_parts()}
-            self._cache_key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-        return self.cache_root / self._cache_key
+    def pixel_cache(self) -> PixelCache:
+        """This archive's cached images (resolves the model to compute the key; loads nothing)."""
+        if self._pixels is None:
+            gen = self.archive.manifest.generator
+            _, settings = resolve_render_settings(gen, self.render)
+            folder = self.cache_dir / cache_key(self.archive.content_hash, settings.key_parts())
+            self._pixels = PixelCache(folder, gen.height, gen.width)
+        return self._pixels
+
+    @property
+    def image_cache_dir(self) -> Path:
+        """This archive's folder under :attr:`cache_dir`: content hash + every pixel-changing setting."""
+        return self.pixel_cache.folder
 
     # -- the Dataset protocol -------------------------------------------------
 
@@ -174,7 +154,7 @@ class D3MDataset(torch.utils.data.Dataset):
         """A whole batch in one go: its missing images render together, ``render_batch`` per call."""
         g2 = self.grid * self.grid
         indices = [self._check_index(i) for i in indices]
-        images = self.images({(i // g2 if self.unit == "patch" else i) for i in indices})
+        images = self.render_images({(i // g2 if self.unit == "patch" else i) for i in indices})
         items = []
         for k in indices:
             if self.unit == "patch":
@@ -208,7 +188,7 @@ class D3MDataset(torch.utils.data.Dataset):
 
     # -- rendering and caching ------------------------------------------------
 
-    def images(self, image_indices) -> dict[int, torch.Tensor]:
+    def render_images(self, image_indices) -> dict[int, torch.Tensor]:
         """image index (``c * ipc + i``) -> float32 ``[3, H, W]``, rendering what is not cached."""
         out, missing = {}, []
         for idx in sorted(image_indices):
@@ -236,60 +216,29 @@ class D3MDataset(torch.utils.data.Dataset):
         from tqdm.auto import tqdm
 
         wanted = range(self.num_classes * self.ipc) if images is None else sorted({self._check_image(i) for i in images})
-        todo = [i for i in wanted if not self._cache_path(i).is_file()]
+        todo = [i for i in wanted if not self.pixel_cache.path(*divmod(i, self.ipc)).is_file()]
         with tqdm(total=len(todo), desc="rendering", unit="img", disable=not progress or not todo) as bar:
             for start in range(0, len(todo), self.render_batch):
                 chunk = todo[start : start + self.render_batch]
-                self.images(chunk)
+                self.render_images(chunk)
                 bar.update(len(chunk))
         return self
 
-    def _cache_path(self, idx: int) -> Path:
-        c, i = divmod(idx, self.ipc)
-        return self.cache_dir / f"{c:06d}_{i:05d}.npy"
-
-    def _npy_header(self) -> bytes:
-        """The exact .npy v1.0 header of one cached image (uint8 ``[3, H, W]``, C order)."""
-        gen = self.archive.manifest.generator
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
-                                                   "shape": (3, gen.height, gen.width)})
-        return buf.getvalue()
-
     def _read_cached(self, idx: int) -> torch.Tensor | None:
-        """The cached image, or None when absent or not exactly what ``_write_cached`` wrote."""
-        header = self._npy_header()
-        gen = self.archive.manifest.generator
-        size = len(header) + 3 * gen.height * gen.width + _DIGEST
-        try:  # O_NONBLOCK: a FIFO planted in the cache must not hang the read
-            fd = os.open(self._cache_path(idx), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except OSError:
-            return None  # absent or unreadable: render (a write failure is reported there)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            blob = bytearray(size + 1)  # bounded by the expected size, whatever the header claims
-            got = f.readinto(blob)
-        body = memoryview(blob)[: size - _DIGEST]
-        if got != size or body[: len(header)] != header or hashlib.sha256(body).digest() != blob[-_DIGEST - 1 : -1]:
-            return None  # torn, corrupted, zeroed or foreign: render again (and overwrite it)
-        pixels = np.frombuffer(blob, dtype=np.uint8, count=3 * gen.height * gen.width, offset=len(header))
-        return torch.from_numpy(pixels.reshape(3, gen.height, gen.width)).float().div_(255.0)
+        pixels = self.pixel_cache.read(*divmod(idx, self.ipc))
+        return None if pixels is None else torch.from_numpy(pixels).float().div_(255.0)
 
     def _write_cached(self, idx: int, x: torch.Tensor) -> None:
-        """Write one image's cache file atomically; on an unwritable cache, warn once and keep memory only."""
+        """Cache one image; on an unwritable cache, warn once and keep memory only."""
         if not self._cache_writable:
             return
-        path = self._cache_path(idx)
-        body = self._npy_header() + torch.round(x * 255.0).to(torch.uint8).numpy().tobytes()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, body + hashlib.sha256(body).digest(), durable=False)  # a lost file is rendered again
+            self.pixel_cache.write(*divmod(idx, self.ipc), torch.round(x * 255.0).to(torch.uint8).numpy())
         except OSError as exc:
             self._cache_writable = False
             warnings.warn(
-                f"the pixel cache {self.cache_dir} cannot be written ({exc.strerror or exc}); images are kept "
-                f"in memory only (the last {_MEMORY_IMAGES}) and rendered again after that. Pass a writable "
+                f"the pixel cache {self.image_cache_dir} cannot be written ({exc.strerror or exc}); images are "
+                f"kept in memory only (the last {_MEMORY_IMAGES}) and rendered again after that. Pass a writable "
                 "cache_dir (d3m-inspect: --cache-dir) or set D3MFMT_CACHE_DIR",
                 RuntimeWarning,
                 stacklevel=2,

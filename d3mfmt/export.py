@@ -2,56 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .archive import Archive
-from .container import write_atomic
 from .errors import D3MError
+from .files import atomic_folder, safe_file_name, write_atomic
 
 TOKEN_FORMAT = "<d3m-{}>"  # the placeholder token an exported embedding is loaded under
 
 
 def class_folder(index: int, name: str) -> str:
     """``0007_seven``: zero-padded so ImageFolder's sorted order is the archive's order."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
-    return f"{index:04d}_{safe[:64]}"
-
-
-@contextlib.contextmanager
-def _output_dir(path):
-    """A temporary folder beside ``path`` that becomes ``path`` only when the body succeeds.
-
-    ``path`` must not exist or be an empty folder; missing parents are created.
-    After a failure nothing this function made is left (an empty folder the
-    user made stays as it was).
-    """
-    path = Path(path).absolute()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise D3MError(f"{path} exists and is not an empty folder; pick a new output folder")
-    top = path.parent  # the outermost parent this call creates, removed again on failure
-    while not top.parent.exists():
-        top = top.parent
-    created = not top.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    done = False
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        os.replace(tmp, path)  # also replaces an empty folder at path
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(top if created else tmp, ignore_errors=True)
+    return f"{index:04d}_{safe_file_name(name, default='class', max_chars=64)}"
 
 
 def _to_pil(image) -> Image.Image:
@@ -68,7 +34,7 @@ def export_embeddings(archive: Archive, out_dir) -> list[Path]:
     import safetensors.numpy
 
     names = []
-    with _output_dir(out_dir) as out:
+    with atomic_folder(out_dir) as out:
         for c, info in enumerate(archive.manifest.dataset.classes):
             names.append(f"{class_folder(c, info.name)}.safetensors")
             token = TOKEN_FORMAT.format(info.id)
@@ -85,7 +51,7 @@ def export_images(dataset, out_dir, progress: bool = True) -> int:
     """
     from tqdm.auto import tqdm
 
-    with _output_dir(out_dir) as out:
+    with atomic_folder(out_dir) as out:
         dataset.materialize(progress=progress)
         g2 = dataset.grid * dataset.grid
         folders = [class_folder(c, n) for c, n in enumerate(dataset.classes)]
@@ -125,7 +91,7 @@ def preview_grid(dataset, classes: list[int], per_class: int = 8, cell: int = 12
     draw = ImageDraw.Draw(sheet)
     names = dataset.classes
     # every shown image in one request: the dataset fills render batches across classes
-    images = dataset.images([c * dataset.ipc + i for c in classes for i in range(per_class)])
+    images = dataset.render_images([c * dataset.ipc + i for c in classes for i in range(per_class)])
     for row, c in enumerate(classes):
         y = row * (cell + 4)
         draw.text((4, y + cell // 2 - 6), f"{c}: {names[c]}"[:18], fill="black", font=font)

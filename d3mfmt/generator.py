@@ -33,11 +33,12 @@ from .schedulers import PIPELINES, check_scheduler_config
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
 from .models import model_identity, resolve_model
-from .prompts import SLOT_TOKEN, encode_class_prompt, encode_text, placeholder_prompt, slot_ids, token_ids  # noqa: F401
+from .prompts import encode_class_prompt, encode_text
+from .render import DTYPE_NAMES, RenderOptions, checked
 
-DEFAULT_RENDER_BATCH = 16  # images per pipeline call (D3MDataset, --verify, --preview)
+DEFAULT_RENDER_BATCH = 16  # images per pipeline call (D3MDataset, d3m-inspect verify and preview)
 CPU_CALL_ROWS = 2  # images in every CPU pipeline call, whatever was asked for (see Regenerator.render_pairs)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 _PIPELINES: dict[tuple[str, str, str, bool], "object"] = {}
 _PIPELINES_LOCK = threading.RLock()
@@ -185,49 +186,38 @@ class RenderSettings:
             "diffusers": diffusers.__version__,
             "transformers": transformers.__version__,  # the text encoder and tokenizer behind every prompt
             "tokenizers": _version_of("tokenizers"),
-            "rule": "d3m-1-8bit-sha256",  # the cache file layout (dataset.py) is part of the key
         }
         if self.compile:  # compiled kernels may round differently: never share eager pixels
             parts["compile"] = True
         return parts
 
 
-def resolve_render_settings(
-    generator: GeneratorInfo,
-    *,
-    model: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    allow_model_mismatch: bool = False,
-    allow_download: bool = False,
-    compile: bool = False,
-):
-    """(model folder, RenderSettings) for an archive's generator, without loading the model.
+def resolve_render_settings(generator: GeneratorInfo, render: RenderOptions | None = None):
+    """(model folder, RenderSettings) for an archive's generator under ``render``, without loading the model.
 
-    Raises D3MError for a non-deterministic scheduler or unknown dtype, and
-    D3MModelError when the model is missing or differs from the pinned identity.
+    Raises D3MError for a non-deterministic scheduler, a bad option or device,
+    and D3MModelError when the model is missing or differs from the pinned identity.
     """
+    render = checked(render)
     # the reader's rules, also for a GeneratorInfo made in code: pipeline, deterministic scheduler, config
     if generator.pipeline not in PIPELINES:
         raise D3MError(f"generator.pipeline {generator.pipeline!r} is not supported; this version renders "
                        f"{list(PIPELINES)} archives (SD 1.x/2.x)")
     check_scheduler_config(generator.scheduler, generator.scheduler_config, generator.steps)
-    device = device or default_device()
+    device = render.device or default_device()
     check_device(device)
-    dtype = dtype or default_dtype(device)
-    if dtype not in DTYPES:
-        raise D3MError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    revision = None if model else generator.model.revision
-    path = resolve_model(model or generator.model.id, revision, allow_download=allow_download)
+    dtype = render.dtype or default_dtype(device)
+    revision = None if render.model else generator.model.revision
+    path = resolve_model(render.model or generator.model.id, revision, allow_download=render.allow_download)
     identity = model_identity(path)
     pinned = generator.model.identity
-    if pinned is not None and pinned != identity and not allow_model_mismatch:
+    if pinned is not None and pinned != identity and not render.allow_model_mismatch:
         raise D3MModelError(
             f"the archive pins model {generator.model.id!r} with identity {pinned}, but {path} "
-            f"has {identity}; use the pinned weights, or pass allow_model_mismatch=True "
-            "(d3m-inspect: --allow-model-mismatch) to render anyway and check drift with --verify"
+            f"has {identity}; use the pinned weights, or pass RenderOptions(allow_model_mismatch=True) "
+            "(d3m-inspect: --allow-model-mismatch) to render anyway and check drift with d3m-inspect verify"
         )
-    return path, RenderSettings(identity, device, dtype, bool(compile))
+    return path, RenderSettings(identity, device, dtype, render.compile)
 
 
 class Regenerator:
@@ -236,34 +226,15 @@ class Regenerator:
     Args:
         generator: the archive's ``manifest.generator``.
         embeddings: the archive's ``[C, V, D]`` embeddings.
-        model: a model id or directory overriding ``generator.model.id``.
-        device: default CUDA when available, else CPU.
-        dtype: ``"float32"``/``"float16"``/``"bfloat16"``; default fp16 on CUDA, fp32 on CPU.
-        allow_model_mismatch: render even if the model's content hash differs
-            from the one the archive pins (the labels may then not describe the pixels).
-        allow_download: fetch a hub model missing from the local cache.
-        compile: ``torch.compile`` the UNet (off by default; the first call per
-            batch shape compiles, minutes on a GPU; see ``d3mfmt.accel``).
+        render: model, device, dtype and switches (:class:`d3mfmt.RenderOptions`;
+            default: the archive's model, CUDA+fp16 when available, else CPU+fp32).
+            With ``compile=True`` the first call per batch shape compiles, minutes on a GPU.
     """
 
-    def __init__(
-        self,
-        generator: GeneratorInfo,
-        embeddings: np.ndarray,
-        *,
-        model: str | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        allow_model_mismatch: bool = False,
-        allow_download: bool = False,
-        compile: bool = False,
-    ):
+    def __init__(self, generator: GeneratorInfo, embeddings: np.ndarray, render: RenderOptions | None = None):
         # 1. check inputs; resolve the model and compare it with the archive's pin
         self.info = generator
-        self.model_path, self.settings = resolve_render_settings(
-            generator, model=model, device=device, dtype=dtype,
-            allow_model_mismatch=allow_model_mismatch, allow_download=allow_download, compile=compile,
-        )
+        self.model_path, self.settings = resolve_render_settings(generator, render)
         self.device, self.dtype = self.settings.device, self.settings.dtype
         check_device(self.device)
         identity = self.settings.model_identity
@@ -321,7 +292,7 @@ class Regenerator:
         position and batch-mate gives identical pixels. So the CPU renders
         every call with exactly ``CPU_CALL_ROWS`` images on one thread, padding
         the last call by repeating its final pair. CUDA renders the batch as
-        asked (throughput first; drift is what ``--verify`` measures).
+        asked (throughput first; drift is what ``d3m-inspect verify`` measures).
         """
         check_device(self.device)
         pairs = [(int(c), int(s)) for c, s in pairs]

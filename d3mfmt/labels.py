@@ -135,19 +135,6 @@ class LabelTable:
             )
         return out
 
-    def top1(self) -> np.ndarray:
-        """The most probable class of every row, int64 [rows]."""
-        if self.encoding.kind == "hard":
-            return self.indices.astype(np.int64)
-        out = np.empty(self.rows, dtype=np.int64)
-        for part in _row_chunks(self.rows, self.values.shape[1]):
-            if self.encoding.kind == "dense":
-                out[part] = self.values[part].argmax(axis=1)
-            else:
-                best = _decode_values(self.encoding.values, self.values[part]).argmax(axis=1)
-                out[part] = self.indices[part][np.arange(len(best)), best]
-        return out
-
     def payload(self) -> bytes:
         """The uncompressed payload bytes (indices first, then values)."""
         parts = [a.tobytes() for a in (self.indices, self.values) if a is not None]
@@ -208,8 +195,7 @@ def encode(probs: np.ndarray, encoding: LabelEncoding) -> LabelTable:
         table = LabelTable(encoding, num_classes, None, _quantize_values(encoding.values, probs))
     else:
         index_dtype = INDEX_DTYPES[encoding.index_dtype(num_classes)]
-        # stable sort on -p: descending probability, ties -> lower index first
-        order = np.argsort(-probs, axis=1, kind="stable")[:, : encoding.k]
+        order = _top_indices(probs, encoding.k)
         if encoding.kind == "hard":
             table = LabelTable(encoding, num_classes, order[:, 0].astype(index_dtype), None)
         else:
@@ -218,6 +204,24 @@ def encode(probs: np.ndarray, encoding: LabelEncoding) -> LabelTable:
     _check_encoded_mass(table, probs)
     check_rows(table, where="labels")  # the reader's own rules: nothing unreadable leaves the writer
     return table
+
+
+def _top_indices(probs: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the ``k`` largest entries' indices by descending probability, ties -> lower index first.
+
+    The same order as a stable argsort of ``-probs``, without sorting every row:
+    non-negative float32 bit patterns order like their values, so the key
+    ``(~bits << 32) | index`` is unique per entry and ascends exactly in that
+    order; a partition picks the ``k`` smallest keys, and only they are sorted.
+    """
+    keys = np.invert((probs + np.float32(0.0)).view(np.uint32)).astype(np.uint64)  # + 0.0 makes -0.0 0.0
+    keys <<= np.uint64(32)
+    keys |= np.arange(probs.shape[1], dtype=np.uint64)
+    if k < probs.shape[1]:
+        keys.partition(k - 1, axis=1)  # in place: the k smallest keys first, in no order
+        keys = keys[:, :k]
+    keys.sort(axis=1)
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 def _check_encoded_mass(table: LabelTable, probs: np.ndarray) -> None:

@@ -36,7 +36,6 @@ MNIST_CLASS_NAMES = (
 )
 SPLITS = ("train", "test", "all")
 TRAIN_PER_CLASS = 400
-TEST_PER_CLASS = 100
 _RELATIVE_PATH = ("data", "data", "mnist_5k.csv.gz")
 
 

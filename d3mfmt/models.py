@@ -32,6 +32,7 @@ import pathlib
 import re
 
 from d3mfmt.errors import D3MModelError
+from d3mfmt.files import cache_root
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 BUILTIN_NAMESPACE = "d3m/"
@@ -50,7 +51,6 @@ class BuiltinModel:
     """A model shipped inside d3mfmt, with the generation settings it was tuned for."""
 
     folder: str  # under d3mfmt/weights/
-    description: str
     resolution: int  # single image, pixels
     collage_resolution: int  # 2x2 collage, pixels
     steps: int  # DDIM steps (eta 0)
@@ -62,7 +62,6 @@ class BuiltinModel:
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "d3m/tiny-mnist": BuiltinModel(
         folder="tiny-mnist",
-        description="tiny Stable-Diffusion-architecture model trained on 4,000 MNIST digits",
         resolution=32,
         collage_resolution=64,
         steps=20,
@@ -197,16 +196,8 @@ def _identity_files(root: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
     return sorted(found)
 
 
-def identity_cache_dir() -> pathlib.Path:
-    """Where d3mfmt keeps small caches: $D3MFMT_CACHE_DIR, else $XDG_CACHE_HOME/d3mfmt, else ~/.cache/d3mfmt."""
-    if os.environ.get("D3MFMT_CACHE_DIR"):
-        return pathlib.Path(os.environ["D3MFMT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "d3mfmt"
-
-
 def _sidecar_get(key: str) -> str | None:
-    path = identity_cache_dir() / IDENTITY_CACHE_FILE
+    path = cache_root() / IDENTITY_CACHE_FILE
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -216,7 +207,7 @@ def _sidecar_get(key: str) -> str | None:
 
 
 def _sidecar_put(key: str, value: str) -> None:
-    folder = identity_cache_dir()
+    folder = cache_root()
     path = folder / IDENTITY_CACHE_FILE
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +231,7 @@ def model_identity(path: str | os.PathLike) -> str:
     (hidden files skipped, symlinks followed), each contributing
     ``relative_posix_path + b"\\0" + size as 8-byte little-endian + bytes``.
     Memoised per process and in a small sidecar file under
-    :func:`identity_cache_dir`, keyed by the files' paths, sizes and mtimes.
+    :func:`d3mfmt.files.cache_root`, keyed by the files' paths, sizes and mtimes.
 
     Example:
         >>> model_identity(resolve_model("d3m/tiny-mnist")) == model_identity(resolve_model("d3m/tiny-mnist"))

@@ -1,7 +1,7 @@
 """What the manifest's ``generator`` section may name: pipelines, schedulers, scheduler config.
 
 spec/SPEC.md ("Generator section") is the authority. The reader checks the
-scheduler config here, key by key, so that ``d3m-inspect --check`` refuses
+scheduler config here, key by key, so that ``d3m-inspect check`` refuses
 everything rendering would refuse (or would render differently from the
 writer): an unknown key is one this reader's diffusers may ignore, so it is
 refused rather than silently dropped.

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .container import MAX_ARCHIVE_BYTES
 from .errors import D3MError
-from .models import identity_cache_dir
+from .files import cache_root, safe_file_name
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ _HF_ID = re.compile(
 )
 _DIGEST = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def resolve_archive(
@@ -165,8 +164,8 @@ def _resolve_hub(ref: str, allow_download: bool) -> Path:
 
 
 def url_cache_dir() -> Path:
-    """Where pinned URLs are kept: ``<d3mfmt cache>/archives`` (see models.identity_cache_dir)."""
-    return identity_cache_dir() / ARCHIVES_CACHE
+    """Where pinned URLs are kept: ``<d3mfmt cache>/archives`` (see files.cache_root)."""
+    return cache_root() / ARCHIVES_CACHE
 
 
 def _check_digest(value: str | None, where: str) -> str | None:
@@ -181,8 +180,8 @@ def _check_digest(value: str | None, where: str) -> str | None:
 
 def _url_name(path: str) -> str:
     """A safe file name for a URL's last path segment, ending in .d3m."""
-    name = _SAFE_NAME.sub("_", urllib.parse.unquote(path.rsplit("/", 1)[-1])).strip("._")[:100] or "archive"
-    return name if name.endswith(".d3m") else name + ".d3m"
+    return safe_file_name(urllib.parse.unquote(path.rsplit("/", 1)[-1]), default="archive", suffix=".d3m",
+                          max_chars=100)
 
 
 def _resolve_url(ref: str, expected: str | None, allow_download: bool, allow_unpinned: bool, progress: bool) -> Path:
@@ -221,12 +220,6 @@ def download_pinned(url: str, digest: str | None, name: str, *, progress: bool =
     The transfer is bounded by :data:`MAX_DOWNLOAD_BYTES` and, when the server
     sends one, by its Content-Length, which must then be met exactly.
     """
-    import http.client
-    import urllib.error
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
     root = url_cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -234,36 +227,12 @@ def download_pinned(url: str, digest: str | None, name: str, *, progress: bool =
         raise D3MError(f"cannot create the archive cache {root} ({exc.strerror}); set D3MFMT_CACHE_DIR") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
     try:
-        hasher, received = hashlib.sha256(), 0
+        # 1. the bytes, into a temporary file beside the cache entry
         with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310 (scheme checked)
-                    declared = response.headers.get("Content-Length")
-                    total = int(declared) if declared and declared.isdigit() else None
-                    if total is not None and total > MAX_DOWNLOAD_BYTES:
-                        raise D3MError(f"{url}: the server announces {total} bytes, more than a .d3m may hold "
-                                       f"({MAX_DOWNLOAD_BYTES}); refusing to download it")
-                    with tqdm(total=total, desc=name, unit="B", unit_scale=True, file=sys.stderr,
-                              disable=not progress) as bar:
-                        while chunk := response.read(CHUNK_BYTES):
-                            received += len(chunk)
-                            if received > MAX_DOWNLOAD_BYTES:
-                                raise D3MError(f"{url}: more than {MAX_DOWNLOAD_BYTES} bytes, more than a .d3m "
-                                               "may hold; download stopped")
-                            hasher.update(chunk)
-                            out.write(chunk)
-                            bar.update(len(chunk))
-                    if total is not None and received != total:
-                        raise D3MError(f"{url}: transfer incomplete ({received} of {total} bytes); try again")
-            except urllib.error.HTTPError as exc:
-                raise D3MError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            except urllib.error.URLError as exc:
-                raise D3MError(f"{url}: cannot connect ({exc.reason})") from None
-            except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, timeout
-                raise D3MError(f"{url}: transfer failed ({exc!r}); nothing was cached, try again") from None
+            actual = _stream(url, out, name, progress)
             out.flush()
             os.fsync(out.fileno())
-        actual = hasher.hexdigest()
+        # 2. the pin, then the rename into place
         if digest is not None and actual != digest:
             raise D3MError(f"{url}: sha256 {actual} does not match the pinned {digest}; the file was not cached "
                            "(the server holds another file than the one pinned)")
@@ -281,6 +250,42 @@ def download_pinned(url: str, digest: str | None, name: str, *, progress: bool =
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _stream(url: str, out, name: str, progress: bool) -> str:
+    """Copy ``url``'s body into the open file ``out``, bounded; return its sha256 hex digest."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    hasher, received = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310 (scheme checked)
+            declared = response.headers.get("Content-Length")
+            total = int(declared) if declared and declared.isdigit() else None
+            if total is not None and total > MAX_DOWNLOAD_BYTES:
+                raise D3MError(f"{url}: the server announces {total} bytes, more than a .d3m may hold "
+                               f"({MAX_DOWNLOAD_BYTES}); refusing to download it")
+            with tqdm(total=total, desc=name, unit="B", unit_scale=True, file=sys.stderr, disable=not progress) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    received += len(chunk)
+                    if received > MAX_DOWNLOAD_BYTES:
+                        raise D3MError(f"{url}: more than {MAX_DOWNLOAD_BYTES} bytes, more than a .d3m "
+                                       "may hold; download stopped")
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise D3MError(f"{url}: transfer incomplete ({received} of {total} bytes); try again")
+    except urllib.error.HTTPError as exc:
+        raise D3MError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise D3MError(f"{url}: cannot connect ({exc.reason})") from None
+    except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, timeout
+        raise D3MError(f"{url}: transfer failed ({exc!r}); nothing was cached, try again") from None
+    return hasher.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 from . import container
+from .agreement import low_agreement
 from .archive import Archive, check_member, parse_tensors
 from .errors import D3MFormatError
 from .labels import decompress
 from .manifest import Manifest
 from .terminal import printable
-
-
-# A class renders poorly for the teacher when its agreement on regenerated patches is under
-# half its agreement on real patches, or under 50 % (the builder warns with the same rule).
-LOW_AGREEMENT_RATIO = 0.5
-LOW_AGREEMENT_FLOOR = 0.5
-
-
-def low_agreement(real: float | None, regenerated: float) -> bool:
-    """The builder's and d3m-inspect's one rule for "this class renders poorly for the teacher"."""
-    return regenerated < LOW_AGREEMENT_FLOOR or (real is not None and regenerated < LOW_AGREEMENT_RATIO * real)
 
 
 def _number(value) -> float | None:
@@ -118,7 +108,7 @@ def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict
         "embeddings": {"n_vectors": emb.n_vectors, "dim": emb.dim, "dtype": emb.dtype},
         "teacher": None if m.teacher is None else vars(m.teacher),
         "labels": {
-            "encoding": lab.kind,
+            "kind": lab.kind,
             "k": lab.k,
             "values": lab.values,
             "temperature": lab.temperature,
@@ -157,7 +147,7 @@ def render_text(s: dict, max_names: int = 6) -> str:
         f"              prompt {gen['prompt_template']!r}",
         f"embeddings    {s['embeddings']['n_vectors']} x {s['embeddings']['dim']} {s['embeddings']['dtype']} per class",
         f"teacher       {teacher_line}",
-        f"labels        {lab['encoding']}{k}{values} (T={lab['temperature']}), {lab['bytes_per_patch']} bytes/patch",
+        f"labels        {lab['kind']}{k}{values} (T={lab['temperature']}), {lab['bytes_per_patch']} bytes/patch",
         "members",
     ]
     agreement = s.get("agreement")

@@ -13,6 +13,7 @@ import numpy as np
 
 from .archive import Archive
 from .errors import D3MError
+from .render import RenderOptions
 from .terminal import printable
 
 DEFAULT_TOLERANCE = 8  # 8-bit levels, SPEC.md "Fingerprint"
@@ -47,25 +48,32 @@ def sample_images(archive: Archive, n: int) -> list[tuple[int, int]]:
 
 
 def check_verify(archive: Archive, n: int, tolerance: int = DEFAULT_TOLERANCE) -> None:
-    """Raise D3MError before any model loads if ``verify`` cannot run."""
+    """Raise D3MError if ``verify`` cannot run (``verify`` calls it before any model loads)."""
     if archive.fingerprints is None:
         raise D3MError("the archive has no fingerprints (manifest 'fingerprints' is null); nothing to verify against")
-    if n < 1:
-        raise D3MError(f"--verify-images must be a positive integer, got {n}")
-    if not 0 <= tolerance <= 255:
-        raise D3MError(f"--tolerance must be in 0..255 (8-bit levels), got {tolerance}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise D3MError(f"n (d3m-inspect verify: --images) must be a positive integer, got {n!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or not 0 <= tolerance <= 255:
+        raise D3MError(f"tolerance (d3m-inspect verify: --tolerance) must be in 0..255 (8-bit levels), got {tolerance!r}")
 
 
-def verify(archive: Archive, regenerator, n: int = 8, tolerance: int = DEFAULT_TOLERANCE,
+def verify(archive: Archive, render: RenderOptions | None = None, n: int = 8, tolerance: int = DEFAULT_TOLERANCE,
            render_batch: int | None = None) -> VerifyReport:
-    """Regenerate ``n`` images with ``regenerator`` and measure fingerprint drift.
+    """Regenerate ``n`` images under ``render`` and measure fingerprint drift.
 
-    The sampled images render ``render_batch`` per call (default
-    ``generator.DEFAULT_RENDER_BATCH``), classes mixed.
+    The arguments are checked before the model loads. The sampled images render
+    ``render_batch`` per call (default ``generator.DEFAULT_RENDER_BATCH``), classes mixed.
+
+    Example:
+        >>> report = verify(d3mfmt.load_file("spec/vectors/topk.d3m"), RenderOptions(device="cpu"))  # doctest: +SKIP
+        >>> report.ok                                                                              # doctest: +SKIP
+        True
     """
-    from .generator import DEFAULT_RENDER_BATCH, fingerprint
+    from .generator import DEFAULT_RENDER_BATCH, Regenerator, fingerprint
 
+    # 1. check inputs, then load the model
     check_verify(archive, n, tolerance)
+    regenerator = Regenerator(archive.manifest.generator, archive.embeddings, render)
     size = archive.manifest.fingerprint_size
     batch = render_batch or DEFAULT_RENDER_BATCH
     images = sample_images(archive, n)

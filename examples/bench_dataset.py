@@ -43,6 +43,8 @@ from d3mfmt.generator import initial_latents, shared_pipeline, single_thread
 from d3mfmt.mnist import MNIST_CLASS_NAMES
 from d3mfmt.models import BUILTIN_MODELS, model_identity, resolve_model
 
+CPU = d3mfmt.RenderOptions(device="cpu")  # every render here is on the CPU
+
 
 def word_archive(ipc: int, grid: int = 2) -> d3mfmt.Archive:
     """An archive for d3m/tiny-mnist whose embeddings are the digit words' own rows."""
@@ -85,7 +87,7 @@ def raw_pipeline_seconds(archive: d3mfmt.Archive, batch: int, threads: int | Non
     """Render every image with a plain StableDiffusionPipeline call per batch."""
     from d3mfmt.generator import Regenerator
 
-    regen = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu")
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, CPU)
     gen = archive.manifest.generator
     prompts = [regen.prompt_embeds(c) for c in range(len(archive.seeds))]
     negative = regen.negative_embeds()
@@ -166,7 +168,7 @@ def main() -> None:
         times = []
         for r in range(args.repeats):
             cache = work / f"cache-first-{workers}-{r}"
-            ds = D3MDataset(archive_path, cache_dir=cache, device="cpu", render_batch=args.render_batch, unit="image")
+            ds = D3MDataset(archive_path, cache_dir=cache, render=CPU, render_batch=args.render_batch, unit="image")
             start = time.perf_counter()
             for _ in DataLoader(ds, batch_size=args.render_batch, num_workers=workers):
                 pass
@@ -174,7 +176,7 @@ def main() -> None:
         rows.append((f"D3MDataset first epoch, {workers} workers", n_images / statistics.median(times), "images/s"))
 
     # 4. cached epochs of patches
-    ds = D3MDataset(archive_path, cache_dir=work / "cache-first-0-0", device="cpu")
+    ds = D3MDataset(archive_path, cache_dir=work / "cache-first-0-0", render=CPU)
     patch_rates = {}
     for workers in sorted({0, args.workers}):
         rate = statistics.median(epoch_rate(ds, workers) for _ in range(args.repeats))

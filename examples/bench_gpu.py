@@ -19,7 +19,7 @@ Measured, in this order (all in this one process):
    ``compile=True`` (after a warm-up batch, whose time is reported apart);
 3. pixel drift: the same images rendered at batch 1 (reference), 8 (one
    class), 8 (eight classes) and 32 (mixed): the largest 8-bit pixel
-   difference and the largest fingerprint difference (4x4, as ``--verify``);
+   difference and the largest fingerprint difference (4x4, as ``d3m-inspect verify``);
 4. textual-inversion steps/s at batch 8 (a whole run's time, set-up included);
 5. the builder's seconds per class by stage (2 classes, the second timed),
    extrapolated to ImageNet-1k IPC 10 at the builder's Stable Diffusion
@@ -179,10 +179,10 @@ def raw_pipeline_rates(model_dir: Path, prompt, negative, s: BenchSettings) -> d
 
 def dataset_rate(archive_path: Path, cache: Path, s: BenchSettings, compile: bool) -> dict:
     """materialize() images/s after one warm-up batch (the compile happens there)."""
-    from d3mfmt import D3MDataset
+    from d3mfmt import D3MDataset, RenderOptions
 
-    ds = D3MDataset(archive_path, cache_dir=cache, device=s.device, dtype=s.dtype, render_batch=s.render_batch,
-                    compile=compile)
+    ds = D3MDataset(archive_path, cache_dir=cache, render=RenderOptions(device=s.device, dtype=s.dtype, compile=compile),
+                    render_batch=s.render_batch)
     with Clock(s.device) as warm:
         ds.materialize(progress=False, images=range(s.render_batch))
     timed = range(s.render_batch, s.render_batch + s.dataset_images)
@@ -194,9 +194,10 @@ def dataset_rate(archive_path: Path, cache: Path, s: BenchSettings, compile: boo
 
 def drift(archive, s: BenchSettings, compile: bool = False) -> dict:
     """Max 8-bit pixel and fingerprint differences of the same images across batch sizes and batch-mates."""
+    from d3mfmt import RenderOptions
     from d3mfmt.generator import Regenerator, fingerprint
 
-    regen = Regenerator(archive.manifest.generator, archive.embeddings, device=s.device, dtype=s.dtype)
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, RenderOptions(device=s.device, dtype=s.dtype))
     seeds = archive.seeds
     one_class = [(0, int(seeds[0, i])) for i in range(8)]
     mixed = [(c, int(seeds[c, 1])) for c in range(1, 9)]
@@ -206,8 +207,8 @@ def drift(archive, s: BenchSettings, compile: bool = False) -> dict:
     runs = {"batch8_one_class": (one_class, slice(0, 8)), "batch8_mixed_classes": (mixed, slice(8, 16)),
             "batch32_mixed_classes": (one_class + mixed + others, slice(0, 16))}
     if compile:
-        regen = Regenerator(archive.manifest.generator, archive.embeddings, device=s.device, dtype=s.dtype,
-                            compile=True)
+        regen = Regenerator(archive.manifest.generator, archive.embeddings,
+                            RenderOptions(device=s.device, dtype=s.dtype, compile=True))
         runs["batch32_compiled"] = runs["batch32_mixed_classes"]
     out = {}
     for name, (pairs, ref_rows) in runs.items():
@@ -296,7 +297,8 @@ def run(s: BenchSettings, workdir: Path, mode: str, log=print) -> dict:
     archive = d3mfmt.load_file(archive_path)
     from d3mfmt.generator import Regenerator
 
-    regen = Regenerator(archive.manifest.generator, archive.embeddings, device=s.device, dtype=s.dtype)
+    render = d3mfmt.RenderOptions(device=s.device, dtype=s.dtype)
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, render)
     raw = raw_pipeline_rates(model_dir, regen.prompt_embeds(0), regen.negative_embeds(), s)
     log(f"raw pipeline: {raw}")
     # 3. D3MDataset.materialize(), eager and compiled

@@ -5,7 +5,7 @@ Usage:
 
 1. ``d3m-build --demo -o OUT/mnist_ipc10.d3m``: the built-in tiny diffusion
    model, teacher and MNIST train split, with the measured defaults;
-2. ``d3m-inspect`` it: summary, ``--check``, ``--verify``, ``--preview``;
+2. ``d3m-inspect`` it: ``summary``, ``check``, ``verify``, ``preview``;
 3. train a ConvNet-3 student from the archive alone and report its accuracy
    on the 1,000 held-out digits (protocol S: stored labels only).
 
@@ -41,9 +41,9 @@ def main() -> None:
     # 2. look at it
     inspect = str(bindir / "d3m-inspect")
     sh(inspect, archive)
-    sh(inspect, archive, "--check")
-    sh(inspect, archive, "--verify", "--verify-images", "10")
-    sh(inspect, archive, "--preview", str(args.out / "mnist_ipc10_preview.png"))
+    sh(inspect, "check", archive)
+    sh(inspect, "verify", archive, "--images", "10")
+    sh(inspect, "preview", archive, "-o", str(args.out / "mnist_ipc10_preview.png"))
     # 3. train on it
     sh(sys.executable, str(ROOT / "examples" / "train_student.py"), archive, "--steps", args.student_steps)
 

@@ -17,8 +17,8 @@ width and code path is the real one (768-wide text embeddings, 77 tokens,
 
 ``TINY`` is the same family at toy widths, for quick CPU runs of the same code.
 
-Usage (CPU smoke: build 2 classes at 256 px, then D3MDataset, --verify and
---export-embeddings + diffusers ``load_textual_inversion``; about 2 GB of disk
+Usage (CPU smoke: build 2 classes at 256 px, then D3MDataset, ``d3m-inspect verify``
+and ``export embeddings`` + diffusers ``load_textual_inversion``; about 2 GB of disk
 and 5 GB of RAM; ~10 minutes on 2 CPU cores)::
 
     HF_HUB_OFFLINE=1 python examples/sd15_random.py --out /tmp/sd15-smoke [--resolution 256]
@@ -154,7 +154,7 @@ def smoke(out: Path, config: SDConfig = SD15, resolution: int = 256, steps: int 
     from builder.pipeline import build
     from builder.settings import BuildSettings, RunOptions
     from builder.sources import ImageFolderSource
-    from d3mfmt import D3MDataset, LabelEncoding
+    from d3mfmt import D3MDataset, LabelEncoding, RenderOptions
     from d3mfmt.cli import inspect_main
     from d3mfmt.generator import Regenerator
 
@@ -179,22 +179,22 @@ def smoke(out: Path, config: SDConfig = SD15, resolution: int = 256, steps: int 
     gen = archive.manifest.generator
     # 2. D3MDataset: patches with their labels
     t0 = time.perf_counter()
-    ds = D3MDataset(archive_path, cache_dir=out / "cache", device=device)
+    ds = D3MDataset(archive_path, cache_dir=out / "cache", render=RenderOptions(device=device))
     image, label, cls = ds[len(ds) - 1]
     times["dataset_s"] = time.perf_counter() - t0
-    # 3. d3m-inspect --verify and --export-embeddings, in this process (the model is loaded once)
+    # 3. d3m-inspect verify and export embeddings, in this process (the model is loaded once)
     t0 = time.perf_counter()
-    common = [str(archive_path), "--device", device, "--cache-dir", str(out / "cache")]
-    verified = CliRunner().invoke(inspect_main, [*common, "--verify", "--verify-images", "2"])
+    verified = CliRunner().invoke(inspect_main, ["verify", str(archive_path), "--device", device, "--images", "2"])
     times["verify_s"] = time.perf_counter() - t0
-    exported = CliRunner().invoke(inspect_main, [*common, "--export-embeddings", str(out / "embeddings")])
+    exported = CliRunner().invoke(inspect_main, ["export", "embeddings", str(archive_path),
+                                                 "-o", str(out / "embeddings")])
     # 4. the exported files, loaded by diffusers' own textual-inversion loader
     tensors, tokens = [], []
     for path in sorted((out / "embeddings").glob("*.safetensors")):
         (token, tensor), = safetensors.torch.load_file(path).items()
         tokens.append(token)
         tensors.append(tensor)
-    regen = Regenerator(gen, archive.embeddings, device=device)
+    regen = Regenerator(gen, archive.embeddings, RenderOptions(device=device))
     # a fresh text encoder and tokenizer (the loader grows them); UNet and VAE shared, not loaded twice
     pipe = StableDiffusionPipeline.from_pretrained(model, unet=regen.pipe.unet, vae=regen.pipe.vae,
                                                    torch_dtype=torch.float32, safety_checker=None,

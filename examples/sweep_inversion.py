@@ -34,6 +34,7 @@ from builder.pipeline import generator_info, native_resolution  # noqa: E402
 from builder.settings import DEMO_MODEL, BuildSettings, model_defaults, resolve_settings  # noqa: E402
 from builder.labelling import class_seeds, render_and_label  # noqa: E402
 from builder.patches import make_collages, select_patches  # noqa: E402
+from d3mfmt import RenderOptions  # noqa: E402
 from d3mfmt.generator import Regenerator, default_dtype, shared_pipeline  # noqa: E402
 from d3mfmt.models import model_identity, resolve_model  # noqa: E402
 
@@ -84,8 +85,8 @@ def main() -> None:
                 vectors, _, stats = invert_class_token(pipe, collages, name, gen.prompt_template, gen.placeholder,
                                                        CONFIGS[config], g, val_g)
                 seconds = time.perf_counter() - t0
-                regen = Regenerator(gen, vectors.astype(np.float16).astype(np.float32)[None], device="cpu",
-                                    dtype=gen.dtype)
+                regen = Regenerator(gen, vectors.astype(np.float16).astype(np.float32)[None],
+                                    RenderOptions(device="cpu", dtype=gen.dtype))
                 probs, _, _ = render_and_label(regen, 0, class_seeds(s.seed, c, s.ipc), teacher, s.grid, 1.0, None, "cpu")
                 row = {"source": source, "class": name, "config": config, **stats, "seconds": seconds,
                        "agreement": float((probs.argmax(1) == c).mean())}

@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import io  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import zipfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -28,7 +29,11 @@ from d3mfmt import (  # noqa: E402
     LabelEncoding,
     Manifest,
     ModelRef,
+    RenderOptions,
 )
+
+TOPK = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "topk.d3m"
+CPU = RenderOptions(device="cpu")  # what every rendering test renders with
 
 
 def make_archive(
@@ -182,6 +187,34 @@ def tiny_build(tiny_model, image_folder, tmp_path_factory) -> TinyBuild:
     result = CliRunner().invoke(main, [str(image_folder), "-o", str(out), *tiny_build_args(tiny_model)])
     assert result.exit_code == 0, result.output
     return TinyBuild(out, out.with_name("tiny.d3m.work"), result.stderr)
+
+
+@pytest.fixture(scope="session")
+def topk_cache(tmp_path_factory):
+    """A pixel-cache root holding all 20 images of spec/vectors/topk.d3m, rendered once on the CPU.
+
+    Tests that only need these pixels to be there (cards, README snippets, the
+    golden fingerprints) copy it with :func:`copy_cache` instead of rendering again.
+    """
+    from d3mfmt import D3MDataset
+
+    root = tmp_path_factory.mktemp("topk-cache")
+    D3MDataset(TOPK, cache_dir=root, render=CPU).materialize(progress=False)
+    return root
+
+
+def copy_cache(root, dest) -> None:
+    """Copy a pixel-cache root's keyed folders under ``dest`` (a ``cache_dir``)."""
+    shutil.copytree(root, dest, dirs_exist_ok=True)
+
+
+def run_inspect(*args):
+    """``d3m-inspect ARGS`` in this process (CliRunner): exit_code, stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from d3mfmt.cli import inspect_main
+
+    return CliRunner().invoke(inspect_main, [str(a) for a in args])
 
 
 def pytest_addoption(parser):

@@ -396,7 +396,7 @@ def test_safetensors_header_with_duplicate_keys(archive_bytes):
     rejects(with_member(archive_bytes, "tensors.safetensors", forged), "duplicate key 'seeds'")
 
 
-# -- memory bombs inside the limits: peak RSS of d3m-inspect --check ------------
+# -- memory bombs inside the limits: peak RSS of d3m-inspect check -------------
 
 
 def _bomb(classes: int, ipc: int, grid: int, encoding, frame: bytes) -> bytes:
@@ -423,14 +423,14 @@ def _bomb(classes: int, ipc: int, grid: int, encoding, frame: bytes) -> bytes:
 
 
 def _inspect_check_peak(path) -> tuple[int, str, int]:
-    """(exit code, stdout + stderr, peak RSS in MiB) of ``d3m-inspect --check path`` in a fresh interpreter."""
+    """(exit code, stdout + stderr, peak RSS in MiB) of ``d3m-inspect check path`` in a fresh interpreter."""
     import subprocess
     import sys
 
     code = (  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's across exec)
         "import sys\n"
         "from d3mfmt.cli import inspect_main\n"
-        "try:\n    inspect_main(['--check', sys.argv[1]])\n"
+        "try:\n    inspect_main(['check', sys.argv[1]])\n"
         "finally:\n"
         "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
         "    print('PEAK', int(hwm) >> 10, file=sys.stderr)\n"

@@ -232,6 +232,6 @@ def test_empty_preview_selection_is_an_error(tmp_path):
     from d3mfmt.cli import inspect_main
 
     golden = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "topk.d3m"
-    result = CliRunner().invoke(inspect_main, [str(golden), "--preview", str(tmp_path / "p.png"),
+    result = CliRunner().invoke(inspect_main, ["preview", str(golden), "-o", str(tmp_path / "p.png"),
                                                "--select", ","])
     assert result.exit_code == 1 and "names no class" in result.stderr and not (tmp_path / "p.png").exists()

@@ -57,14 +57,14 @@ def test_archive_is_valid_and_labels_describe_regenerated_pixels(tiny_build):
     assert a.manifest.labels.kind == "topk" and a.manifest.labels.k == 3
     assert a.manifest.teacher.name == "tiny_teacher:build_teacher" and a.manifest.teacher.identity.startswith("sha256:")
     # a consumer regenerates the same pixels: same fingerprints, and the teacher gives the stored labels
-    regen = Regenerator(a.manifest.generator, a.embeddings, device="cpu")
+    regen = Regenerator(a.manifest.generator, a.embeddings, d3mfmt.RenderOptions(device="cpu"))
     teacher = build_teacher()
     for c in range(3):
         images = regen.render(c, a.seeds[c].tolist())
         np.testing.assert_array_equal(fingerprint(images, 4), a.fingerprints[c])
         probs = torch.softmax(teacher(split_patches(images, 2).flatten(0, 1)).double(), 1).numpy()
         rows = slice(c * 8, (c + 1) * 8)
-        np.testing.assert_array_equal(a.labels.dense()[rows].argmax(1), probs.argmax(1))
+        np.testing.assert_array_equal(a.labels.dense(rows).argmax(1), probs.argmax(1))
 
 
 def test_checkpoints_hold_what_the_archive_reads(tiny_build):
@@ -216,7 +216,7 @@ def test_seed_candidates_are_scored_against_the_class_itself(tiny_model):
     from tiny_teacher import build_teacher
 
     arch = archive_for(tiny_model)
-    regen = Regenerator(arch.manifest.generator, arch.embeddings[2:3], device="cpu")
+    regen = Regenerator(arch.manifest.generator, arch.embeddings[2:3], d3mfmt.RenderOptions(device="cpu"))
     candidates = list(range(100, 108))
     teacher = build_teacher()
     for target in (0, 2):

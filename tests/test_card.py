@@ -3,18 +3,16 @@ and a loading snippet that runs against the archive it describes."""
 
 import hashlib
 import re
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import make_archive, with_manifest
+from conftest import copy_cache, make_archive, with_manifest
 from PIL import Image
 from test_sources import place_in_hf_cache
 
 import d3mfmt
-from d3mfmt import ClassInfo, D3MError, ModelRef, SourceInfo
+from d3mfmt import ClassInfo, D3MError, ModelRef, RenderOptions, SourceInfo
 from d3mfmt.card import (
     CARD_PREVIEW_CLASSES,
     build_rows,
@@ -40,6 +38,7 @@ HOSTILE = [
 @pytest.fixture(autouse=True)
 def d3m_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("D3MFMT_CACHE_DIR", str(tmp_path / "d3m-cache"))
+    return tmp_path / "d3m-cache"
 
 
 def python_block(text: str) -> str:
@@ -102,13 +101,14 @@ def test_what_a_user_needs_follows_the_model_and_the_repo():
         base.manifest.generator, model=ModelRef("/home/me/sd15", None, "sha256:" + "ab" * 32))))
     text = card_for(local, "x.d3m", repo_id="me/x")
     assert "local folder (`/home/me/sd15`)" in text and "model=FOLDER" in text and "huggingface-cli" not in text
-    assert "d3m-inspect hf://datasets/me/x/x.d3m --allow-download --verify" in text
+    assert "d3m-inspect verify hf://datasets/me/x/x.d3m --allow-download" in text
+    assert "render=RenderOptions(model=FOLDER)" in text
     assert "ships inside d3mfmt" in card_for(base)
     hub = replace(base, manifest=replace(base.manifest, generator=replace(
         base.manifest.generator, model=ModelRef("org/sd", "v1; rm -rf ~", None))))
     assert re.search(r"^```bash\nhuggingface-cli download org/sd --revision 'v1; rm -rf ~'\n```$", card_for(hub), re.M)
     no_fingerprints = make_archive(fingerprint_size=None)
-    assert "--verify" not in card_for(no_fingerprints)
+    assert "d3m-inspect verify" in card_for(base) and "d3m-inspect verify" not in card_for(no_fingerprints)
 
 
 def test_build_rows_and_front_matter_helpers():
@@ -124,9 +124,10 @@ def test_build_rows_and_front_matter_helpers():
     assert [size_category(n) for n in (80, 1000, 40_000, 10**10)] == ["n<1K", "1K<n<10K", "10K<n<100K", "n>1B"]
 
 
-def test_card_folder_parses_and_its_snippet_trains(tmp_path, hf_cache, monkeypatch):
+def test_card_folder_parses_and_its_snippet_trains(tmp_path, hf_cache, monkeypatch, d3m_cache, topk_cache):
     from huggingface_hub import DatasetCard
 
+    copy_cache(topk_cache, d3m_cache / "images")  # the default cache_dir: rendered once per session
     out = write_card(TOPK, tmp_path / "card")
     # 1. the folder: the archive as it was, the preview, the README
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "preview.png", "topk.d3m"]
@@ -151,7 +152,7 @@ def test_card_folder_parses_and_its_snippet_trains(tmp_path, hf_cache, monkeypat
     # 3. with a repo id the snippet loads by hf:// id (here from a Hugging Face cache laid out by the test)
     place_in_hf_cache(hf_cache, "me/topk-d3m", "topk.d3m", TOPK.read_bytes())
     snippet = python_block(card_for(a, "topk.d3m", repo_id="me/topk-d3m"))
-    assert "hf://datasets/me/topk-d3m/topk.d3m" in snippet and "allow_download=True" in snippet
+    assert "hf://datasets/me/topk-d3m/topk.d3m" in snippet and "render=RenderOptions(allow_download=True)" in snippet
     namespace = {}
     exec(snippet, namespace)
     assert next(iter(namespace["loader"]))[0].shape == (64, 3, 32, 32)
@@ -168,8 +169,6 @@ def hf_cache(tmp_path, monkeypatch):
 
 
 def test_card_is_all_or_nothing(tmp_path):
-    from d3mfmt import D3MDataset
-
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(D3MError, match="not an empty folder"):
@@ -177,17 +176,7 @@ def test_card_is_all_or_nothing(tmp_path):
     with pytest.raises(D3MError, match="repo_id must look like"):
         write_card(TOPK, tmp_path / "card", repo_id="no slash")
     # a failure while rendering the preview leaves neither the card nor its temporary folder
-    broken = D3MDataset(TOPK, model=str(tmp_path / "no-such-model"), device="cpu")
+    broken = RenderOptions(model=str(tmp_path / "no-such-model"), device="cpu")
     with pytest.raises(D3MError, match="no-such-model"):
-        write_card(broken, tmp_path / "card")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
-
-
-def test_inspect_card_option(tmp_path):
-    cmd = [sys.executable, "-c", "from d3mfmt.cli import inspect_main; inspect_main()", str(TOPK)]
-    out = subprocess.run([*cmd, "--repo-id", "me/x"], capture_output=True, text=True)
-    assert out.returncode == 1 and "pass --card DIR too" in out.stderr
-    (tmp_path / "card").mkdir()
-    (tmp_path / "card" / "x").write_text("")
-    out = subprocess.run([*cmd, "--card", str(tmp_path / "card")], capture_output=True, text=True)
-    assert out.returncode == 1 and "not an empty folder" in out.stderr and "Traceback" not in out.stderr
+        write_card(TOPK, tmp_path / "new" / "card", render=broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # the parent it made went too

@@ -112,7 +112,7 @@ def test_special_files_fail_fast(tmp_path, kind):
 
 
 def test_d3m_inspect_on_dev_zero_exits_cleanly():
-    code = "from d3mfmt.cli import inspect_main; inspect_main(['--check', '/dev/zero'])"
+    code = "from d3mfmt.cli import inspect_main; inspect_main(['check', '/dev/zero'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=_limit_memory)
     assert out.returncode != 0 and "not a regular file" in out.stderr and "Traceback" not in out.stderr
 

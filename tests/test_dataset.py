@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from conftest import CPU
+
 import d3mfmt
-from d3mfmt import D3MDataset, D3MError
+from d3mfmt import D3MDataset, D3MError, RenderOptions
 
 
 class RenderCounter:
@@ -28,7 +30,7 @@ class RenderCounter:
 
 @pytest.fixture
 def ds(tiny_archive_path, tmp_path):
-    return D3MDataset(tiny_archive_path, cache_dir=tmp_path / "cache", device="cpu")
+    return D3MDataset(tiny_archive_path, cache_dir=tmp_path / "cache", render=CPU)
 
 
 def test_patch_items_shapes_labels_and_order(ds, tiny_archive_path):
@@ -42,12 +44,12 @@ def test_patch_items_shapes_labels_and_order(ds, tiny_archive_path):
     assert cls == 1
     np.testing.assert_array_equal(label.numpy(), archive.soft_label(1, 1, 1))
     # the patch is the top-right quarter of the regenerated collage
-    full = ds.images([5])[5]
+    full = ds.render_images([5])[5]
     assert torch.equal(image, full[:, :16, 16:])
 
 
 def test_image_unit_returns_collages_with_all_patch_labels(tiny_archive_path, tmp_path):
-    ds = D3MDataset(tiny_archive_path, unit="image", cache_dir=tmp_path, device="cpu")
+    ds = D3MDataset(tiny_archive_path, unit="image", cache_dir=tmp_path, render=CPU)
     assert len(ds) == 12
     image, labels, cls = ds[7]
     assert image.shape == (3, 32, 32) and labels.shape == (4, 3) and cls == 1
@@ -66,7 +68,7 @@ def test_getitems_is_one_batch_and_equals_getitem(ds):
 
 
 def test_dataloader_batches_and_transform(tiny_archive_path, tmp_path):
-    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu", transform=lambda x: x * 2)
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, render=CPU, transform=lambda x: x * 2)
     images, labels, classes = next(iter(DataLoader(ds, batch_size=8, shuffle=False)))
     assert images.shape == (8, 3, 16, 16) and labels.shape == (8, 3)
     assert classes.tolist() == [0] * 8
@@ -74,37 +76,52 @@ def test_dataloader_batches_and_transform(tiny_archive_path, tmp_path):
 
 
 def test_second_epoch_reads_the_cache_even_in_a_new_dataset(tiny_archive_path, tmp_path):
-    first = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
+    first = D3MDataset(tiny_archive_path, cache_dir=tmp_path, render=CPU)
     counter = RenderCounter(first)
     epoch1 = [first[k][0] for k in range(len(first))]
     assert counter.count == 12  # every image once, despite 4 patches each
-    second = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
+    second = D3MDataset(tiny_archive_path, cache_dir=tmp_path, render=CPU)
     counter2 = RenderCounter(second)
     epoch2 = [second[k][0] for k in range(len(second))]
     assert counter2.count == 0
     assert all(torch.equal(a, b) for a, b in zip(epoch1, epoch2))
-    assert len(list(first.cache_dir.glob("*.npy"))) == 12
+    assert len(list(first.image_cache_dir.glob("*.npy"))) == 12
+    assert first.cache_dir == tmp_path and first.image_cache_dir.parent == tmp_path  # the root as given, keyed below
 
 
 def test_a_changed_setting_uses_a_different_cache(tiny_archive_path, tmp_path):
     from dataclasses import replace
 
-    ds32 = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
-    ds16 = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu", dtype="bfloat16")
-    assert ds32.cache_dir != ds16.cache_dir
+    ds32 = D3MDataset(tiny_archive_path, cache_dir=tmp_path, render=CPU)
+    ds16 = D3MDataset(tiny_archive_path, cache_dir=tmp_path, render=RenderOptions(device="cpu", dtype="bfloat16"))
+    assert ds32.image_cache_dir != ds16.image_cache_dir
     a = d3mfmt.load_file(tiny_archive_path)
     more_steps = replace(a, manifest=replace(a.manifest, generator=replace(a.manifest.generator, steps=3)))
     other = tmp_path / "other.d3m"
     d3mfmt.save_file(more_steps, other)
-    assert D3MDataset(other, cache_dir=tmp_path, device="cpu").cache_dir != ds32.cache_dir
+    assert D3MDataset(other, cache_dir=tmp_path, render=CPU).image_cache_dir != ds32.image_cache_dir
 
 
 def test_corrupt_cache_file_is_rendered_again(ds):
-    x = ds.images([0])[0]
-    path = ds._cache_path(0)
+    x = ds.render_images([0])[0]
+    path = ds.pixel_cache.path(0, 0)
     path.write_bytes(b"garbage")
-    fresh = D3MDataset(ds.path, cache_dir=ds.cache_root, device="cpu")
-    assert torch.equal(fresh.images([0])[0], x)
+    fresh = D3MDataset(ds.path, cache_dir=ds.cache_dir, render=CPU)
+    assert torch.equal(fresh.render_images([0])[0], x)
+
+
+def test_a_cache_file_is_the_npy_bytes_then_their_sha256(ds):
+    import hashlib
+    import io
+
+    x = ds.render_images([6])[6]  # class 1, image 2
+    blob = ds.pixel_cache.path(1, 2).read_bytes()
+    assert ds.pixel_cache.path(1, 2) == ds.image_cache_dir / "000001_00002.npy"
+    body, digest = blob[:-32], blob[-32:]
+    assert hashlib.sha256(body).digest() == digest
+    pixels = np.load(io.BytesIO(body), allow_pickle=False)
+    assert pixels.dtype == np.uint8 and pixels.shape == (3, 32, 32)
+    np.testing.assert_array_equal(pixels, torch.round(x * 255).to(torch.uint8).numpy())
 
 
 def test_pickles_cheaply_without_pipeline_or_arrays(ds):
@@ -117,8 +134,8 @@ def test_pickles_cheaply_without_pipeline_or_arrays(ds):
 
 
 def test_workers_share_the_materialized_cache(tiny_archive_path, tmp_path):
-    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu").materialize(progress=False)
-    assert len(list(ds.cache_dir.glob("*.npy"))) == 12
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, render=CPU).materialize(progress=False)
+    assert len(list(ds.image_cache_dir.glob("*.npy"))) == 12
     loader = DataLoader(ds, batch_size=16, num_workers=2, shuffle=True, generator=torch.Generator().manual_seed(0))
     seen = torch.cat([classes for _, _, classes in loader])
     assert sorted(seen.tolist()) == sorted([k // 16 for k in range(48)])
@@ -139,6 +156,14 @@ def test_bad_arguments_and_indices(tiny_archive_path, ds):
         D3MDataset(tiny_archive_path, unit="pixel")
     with pytest.raises(D3MError, match="render_batch"):
         D3MDataset(tiny_archive_path, render_batch=0)
+    for render, message in ((RenderOptions(dtype="float64"), r"RenderOptions.dtype must be one of \['float32'"),
+                            (RenderOptions(compile="yes"), "RenderOptions.compile must be True or False"),
+                            (RenderOptions(model=""), "RenderOptions.model must be a non-empty string"),
+                            ({"device": "cpu"}, "render must be a d3mfmt.RenderOptions, got dict")):
+        with pytest.raises(D3MError, match=message):
+            D3MDataset(tiny_archive_path, render=render)
+    with pytest.raises(TypeError, match="device"):
+        D3MDataset(tiny_archive_path, device="cpu")  # the render options travel as one value
     with pytest.raises(IndexError, match="out of range"):
         ds[len(ds)]
     assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
@@ -147,7 +172,7 @@ def test_bad_arguments_and_indices(tiny_archive_path, ds):
 def test_cuda_dataset_in_forked_worker_raises_clear_error(tiny_archive_path, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cuda", dtype="float32")
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, render=RenderOptions(device="cuda", dtype="float32"))
     monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
     with pytest.raises(D3MError, match="forked DataLoader worker"):
         ds[0]
@@ -156,30 +181,30 @@ def test_cuda_dataset_in_forked_worker_raises_clear_error(tiny_archive_path, mon
 def test_concurrent_cache_writes_of_one_image_do_not_collide(ds):
     from concurrent.futures import ThreadPoolExecutor
 
-    x = ds.images([3])[3]
+    x = ds.render_images([3])[3]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: ds._write_cached(3, x), range(200)))
     assert torch.equal(ds._read_cached(3), x)
-    assert not list(ds.cache_dir.glob(".*"))  # no temporary files left behind
+    assert not list(ds.image_cache_dir.glob(".*"))  # no temporary files left behind
 
 
 def test_materialize_fills_render_batches_across_classes_with_identical_pixels(tiny_archive_path, tmp_path):
-    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "a", device="cpu", render_batch=5)
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "a", render=CPU, render_batch=5)
     counter = RenderCounter(ds)
     ds.materialize(progress=False)
     assert [len(call) for call in counter.calls] == [5, 5, 2]  # 12 images of 3 classes (IPC 4)
     assert {c for c, _ in counter.calls[0]} == {0, 1}  # a batch spans classes
-    one = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "b", device="cpu", render_batch=1)
-    assert ds.cache_dir.name == one.cache_dir.name  # render_batch is not in the cache key
-    mixed, single = ds.images(range(12)), one.images(range(12))
+    one = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "b", render=CPU, render_batch=1)
+    assert ds.image_cache_dir.name == one.image_cache_dir.name  # render_batch is not in the cache key
+    mixed, single = ds.render_images(range(12)), one.render_images(range(12))
     assert all(torch.equal(mixed[k], single[k]) for k in range(12))
 
 
 def test_materialize_a_subset_of_images(tiny_archive_path, tmp_path):
-    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, device="cpu")
+    ds = D3MDataset(tiny_archive_path, cache_dir=tmp_path, render=CPU)
     counter = RenderCounter(ds)
     ds.materialize(progress=False, images=[11, 0, 5, 5])
-    assert counter.count == 3 and sorted(p.name for p in ds.cache_dir.glob("*.npy")) == [
+    assert counter.count == 3 and sorted(p.name for p in ds.image_cache_dir.glob("*.npy")) == [
         "000000_00000.npy", "000001_00001.npy", "000002_00003.npy"]
     with pytest.raises(IndexError, match="image index 12 out of range"):
         ds.materialize(progress=False, images=[12])

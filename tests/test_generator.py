@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CPU
+
 import d3mfmt
-from d3mfmt import D3MError, D3MModelError
+from d3mfmt import D3MError, D3MModelError, RenderOptions
 from d3mfmt.generator import Regenerator, fingerprint, split_patches
 
 
@@ -22,7 +24,7 @@ def archive(tiny_archive_path):
 
 @pytest.fixture(scope="module")
 def regen(archive):
-    return Regenerator(archive.manifest.generator, archive.embeddings, device="cpu")
+    return Regenerator(archive.manifest.generator, archive.embeddings, CPU)
 
 
 def test_render_shape_range_and_8bit_levels(regen, archive):
@@ -44,12 +46,12 @@ def test_same_pixels_for_any_batch_size_position_and_batch_mates(regen, archive)
 
 
 def test_same_pixels_in_a_fresh_process(regen, archive, tiny_archive_path):
-    here = hashlib.sha256(regen.render(0, archive.seeds[0].tolist()).numpy().tobytes()).hexdigest()
+    here = hashlib.sha256(regen.render(0, archive.seeds[0, :2].tolist()).numpy().tobytes()).hexdigest()
     code = (
         "import sys, hashlib, d3mfmt; from d3mfmt.generator import Regenerator; "
         f"a = d3mfmt.load_file({str(tiny_archive_path)!r}); "
-        "r = Regenerator(a.manifest.generator, a.embeddings, device='cpu'); "
-        "print(hashlib.sha256(r.render(0, a.seeds[0].tolist()).numpy().tobytes()).hexdigest())"
+        "r = Regenerator(a.manifest.generator, a.embeddings, d3mfmt.RenderOptions(device='cpu')); "
+        "print(hashlib.sha256(r.render(0, a.seeds[0, :2].tolist()).numpy().tobytes()).hexdigest())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == here
@@ -94,7 +96,7 @@ def test_prompt_embeds_equal_diffusers_textual_inversion(tiny_model, tmp_path, n
     assert tokens == [TOKEN_FORMAT.format(c.id) for c in archive.manifest.dataset.classes]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
     pipe.load_textual_inversion(tensors, token=tokens)
-    regen = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu")
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, CPU)
     for c, token in enumerate(tokens):
         prompt = archive.manifest.generator.prompt_template.replace("{token}", token)
         theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
@@ -104,33 +106,45 @@ def test_prompt_embeds_equal_diffusers_textual_inversion(tiny_model, tmp_path, n
 def test_pinned_identity_mismatch_is_an_error_unless_overridden(archive):
     gen = replace(archive.manifest.generator, model=replace(archive.manifest.generator.model, identity="sha256:" + "0" * 64))
     with pytest.raises(D3MModelError, match="allow_model_mismatch=True"):
-        Regenerator(gen, archive.embeddings, device="cpu")
-    Regenerator(gen, archive.embeddings, device="cpu", allow_model_mismatch=True)
+        Regenerator(gen, archive.embeddings, CPU)
+    Regenerator(gen, archive.embeddings, RenderOptions(device="cpu", allow_model_mismatch=True))
 
 
 def test_ancestral_scheduler_and_wrong_width_are_refused(archive):
     gen = replace(archive.manifest.generator, scheduler="EulerAncestralDiscreteScheduler")
     with pytest.raises(D3MError, match="must be a deterministic scheduler"):
-        Regenerator(gen, archive.embeddings, device="cpu")
+        Regenerator(gen, archive.embeddings, CPU)
     with pytest.raises(D3MModelError, match="embeddings are 16 wide"):
-        Regenerator(archive.manifest.generator, archive.embeddings[:, :, :16], device="cpu")
+        Regenerator(archive.manifest.generator, archive.embeddings[:, :, :16], CPU)
 
 
 def test_missing_model_folder_is_a_clear_error(archive, tmp_path):
     gen = replace(archive.manifest.generator, model=d3mfmt.ModelRef(str(tmp_path / "gone")))
     with pytest.raises(D3MModelError, match="not an existing directory"):
+        Regenerator(gen, archive.embeddings, CPU)
+
+
+def test_render_options_are_the_one_way_to_choose(archive):
+    gen = archive.manifest.generator
+    with pytest.raises(TypeError, match="device"):
         Regenerator(gen, archive.embeddings, device="cpu")
+    with pytest.raises(D3MError, match="render must be a d3mfmt.RenderOptions, got dict"):
+        Regenerator(gen, archive.embeddings, {"device": "cpu"})
+    with pytest.raises(D3MError, match="RenderOptions.dtype must be one of"):
+        Regenerator(gen, archive.embeddings, RenderOptions(device="cpu", dtype="fp16"))
+    with pytest.raises(D3MError, match="RenderOptions.allow_download must be True or False"):
+        Regenerator(gen, archive.embeddings, RenderOptions(device="cpu", allow_download=1))
 
 
 def test_one_pipeline_is_shared_per_model_device_dtype(archive, regen):
-    other = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu")
+    other = Regenerator(archive.manifest.generator, archive.embeddings, CPU)
     assert other.pipe.unet is regen.pipe.unet
     assert other.pipe.scheduler is not regen.pipe.scheduler
 
 
 def test_no_guidance_renders_without_negative_prompt(archive):
     gen = replace(archive.manifest.generator, guidance_scale=1.0)
-    r = Regenerator(gen, archive.embeddings, device="cpu")
+    r = Regenerator(gen, archive.embeddings, CPU)
     x = r.render(0, [5])
     assert r._negative is None and x.shape == (1, 3, 32, 32)
 
@@ -156,7 +170,7 @@ def test_unavailable_or_bogus_devices_are_one_clear_error(archive):
         with pytest.raises(D3MError, match=match):
             check_device(device)
     with pytest.raises(D3MError, match="not available"):  # before the model is looked up
-        resolve_render_settings(archive.manifest.generator, model="/no/such/model", device="cuda")
+        resolve_render_settings(archive.manifest.generator, RenderOptions(model="/no/such/model", device="cuda"))
 
 
 def test_golden_vectors_name_a_model_this_package_resolves():
@@ -173,11 +187,11 @@ def test_stochastic_configs_other_pipelines_and_wrong_latents_are_refused(archiv
     sde = replace(gen, scheduler="DPMSolverMultistepScheduler",
                   scheduler_config={**gen.scheduler_config, "algorithm_type": "sde-dpmsolver++"})
     with pytest.raises(D3MError, match="algorithm_type.*sde-dpmsolver"):
-        Regenerator(sde, archive.embeddings, device="cpu")
+        Regenerator(sde, archive.embeddings, CPU)
     with pytest.raises(D3MError, match="StableDiffusionXLPipeline"):
-        Regenerator(replace(gen, pipeline="StableDiffusionXLPipeline"), archive.embeddings, device="cpu")
+        Regenerator(replace(gen, pipeline="StableDiffusionXLPipeline"), archive.embeddings, CPU)
     with pytest.raises(D3MModelError, match=r"latent_shape \[4, 8, 8\] does not fit 32x32"):
-        Regenerator(replace(gen, latent_shape=(4, 8, 8)), archive.embeddings, device="cpu")
+        Regenerator(replace(gen, latent_shape=(4, 8, 8)), archive.embeddings, CPU)
 
 
 def test_mixed_class_batches_give_the_same_pixels_as_single_class_renders(regen, archive):
@@ -235,14 +249,14 @@ def test_fp16_vae_overflow_is_redone_in_fp32_never_returned(regen):
 
 def test_fp16_pipeline_keeps_a_force_upcast_vae_in_fp32(archive):
     gen = archive.manifest.generator
-    r16 = Regenerator(gen, archive.embeddings, device="cpu", dtype="float16")
+    r16 = Regenerator(gen, archive.embeddings, RenderOptions(device="cpu", dtype="float16"))
     assert r16.pipe.unet.dtype == torch.float16 and r16.pipe.vae.dtype == torch.float32
     assert r16.pipe.vae.config.force_upcast
 
 
 def test_compile_is_its_own_pipeline_and_cache_key_sharing_weights(archive, regen):
     """compile=True wraps the shared UNet in torch.compile (lazily) and never shares eager pixels."""
-    compiled = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu", compile=True)
+    compiled = Regenerator(archive.manifest.generator, archive.embeddings, RenderOptions(device="cpu", compile=True))
     assert isinstance(compiled.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert compiled.pipe.unet._orig_mod is regen.pipe.unet
     assert compiled.pipe.vae is regen.pipe.vae and compiled.pipe.text_encoder is regen.pipe.text_encoder
@@ -259,17 +273,14 @@ def test_non_finite_fp32_decode_is_an_error_not_an_image(regen):
         decode_latents(regen.pipe, latents)
 
 
-def test_verify_renders_mixed_class_batches_with_the_same_drift(archive, regen):
+def test_verify_renders_mixed_class_batches_with_the_same_drift(archive, regen, monkeypatch):
     from d3mfmt.verify import verify
 
     calls = []
-    real = regen.render_pairs
-    regen.render_pairs = lambda pairs: calls.append(len(pairs)) or real(pairs)
-    try:
-        batched = verify(archive, regen, n=12, render_batch=8)
-        single = verify(archive, regen, n=12, render_batch=1)
-    finally:
-        del regen.render_pairs
+    real = Regenerator.render_pairs
+    monkeypatch.setattr(Regenerator, "render_pairs", lambda self, pairs: calls.append(len(pairs)) or real(self, pairs))
+    batched = verify(archive, CPU, n=12, render_batch=8)
+    single = verify(archive, CPU, n=12, render_batch=1)
     assert calls == [8, 4] + [1] * 12
     assert batched.images == single.images and np.array_equal(batched.drift, single.drift)
     assert batched.ok and int(batched.drift.max()) == 0
@@ -300,9 +311,10 @@ def test_cuda_fast_path_settings_apply_to_a_pipeline(tiny_model):
 def test_cuda_fp16_renders_within_the_verify_tolerance(archive, compile):
     from d3mfmt.verify import verify
 
-    regen = Regenerator(archive.manifest.generator, archive.embeddings, device="cuda", compile=compile)
+    render = RenderOptions(device="cuda", compile=compile)
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, render)
     assert regen.dtype == "float16"
-    report = verify(archive, regen, n=12)
+    report = verify(archive, render, n=12)
     assert report.ok, report.lines([c.name for c in archive.manifest.dataset.classes])
     x = regen.render_pairs([(0, 1), (2, 2), (1, 3)])
     assert torch.isfinite(x).all() and x.std() > 0.01
@@ -311,7 +323,7 @@ def test_cuda_fp16_renders_within_the_verify_tolerance(archive, compile):
 @pytest.mark.slow
 def test_compiled_unet_renders_on_the_cpu_within_tolerance(archive, regen):
     """compile=True end to end (inductor on the CPU: about 2 minutes of compiling here)."""
-    compiled = Regenerator(archive.manifest.generator, archive.embeddings, device="cpu", compile=True)
+    compiled = Regenerator(archive.manifest.generator, archive.embeddings, RenderOptions(device="cpu", compile=True))
     pairs = [(0, 1), (1, 2), (2, 3), (0, 4)]
     x, y = compiled.render_pairs(pairs), regen.render_pairs(pairs)
     assert int((x - y).abs().max() * 255) <= 1  # measured here: 0

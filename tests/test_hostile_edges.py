@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_archive
+from conftest import CPU, make_archive, run_inspect
 from tiny_teacher import make_imagefolder
 
 import d3mfmt
@@ -25,8 +24,7 @@ from builder.settings import BuildSettings, RunOptions
 from builder.sources import ImageFolderSource
 from builder.teachers import check_teacher_width, resolve_teacher
 from builder.workdir import Workdir
-from d3mfmt import ClassInfo, D3MDataset, D3MError
-from d3mfmt.cli import inspect_main
+from d3mfmt import ClassInfo, D3MDataset, D3MError, RenderOptions
 from d3mfmt.manifest import generator_to_dict
 from d3mfmt.terminal import printable
 
@@ -63,16 +61,16 @@ def _can_create(folder: Path) -> bool:
 
 @pytest.fixture
 def ds(tiny_archive_path, tmp_path):
-    return D3MDataset(tiny_archive_path, cache_dir=tmp_path / "cache", device="cpu")
+    return D3MDataset(tiny_archive_path, cache_dir=tmp_path / "cache", render=CPU)
 
 
 def _fresh(ds):
-    return D3MDataset(ds.path, cache_dir=ds.cache_root, device="cpu")
+    return D3MDataset(ds.path, cache_dir=ds.cache_dir, render=CPU)
 
 
 def test_same_size_corruption_and_zeroed_pixels_are_rendered_again(ds):
-    x = ds.images([0])[0]
-    path = ds._cache_path(0)
+    x = ds.render_images([0])[0]
+    path = ds.pixel_cache.path(0, 0)
     good = path.read_bytes()
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0x01  # one pixel off by one level: same size, same header
@@ -82,28 +80,28 @@ def test_same_size_corruption_and_zeroed_pixels_are_rendered_again(ds):
     for bad in (bytes(flipped), zeroed, plain.getvalue(), bytes(len(good))):
         path.write_bytes(bad)
         fresh = _fresh(ds)
-        assert fresh._read_cached(0) is None
-        assert torch.equal(fresh.images([0])[0], x)
+        assert fresh.pixel_cache.read(0, 0) is None
+        assert torch.equal(fresh.render_images([0])[0], x)
         assert path.read_bytes() == good  # the bad entry was replaced by a good one
 
 
 def test_a_huge_declared_shape_is_never_allocated(ds):
-    ds.images([1])
-    path = ds._cache_path(1)
+    ds.render_images([1])
+    path = ds.pixel_cache.path(0, 1)
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (3, 200000, 200000)})
     path.write_bytes(buf.getvalue() + bytes(64))
     fresh = _fresh(ds)
-    assert fresh._read_cached(1) is None
-    assert fresh.images([1])[1].shape == (3, 32, 32)
+    assert fresh.pixel_cache.read(0, 1) is None
+    assert fresh.render_images([1])[1].shape == (3, 32, 32)
 
 
 def test_a_fifo_in_the_cache_does_not_hang(ds):
-    path = ds._cache_path(2)
+    path = ds.pixel_cache.path(0, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(path)
-    assert ds._read_cached(2) is None
-    assert ds.images([2])[2].shape == (3, 32, 32)  # rendered; the write replaces the FIFO
+    assert ds.pixel_cache.read(0, 2) is None
+    assert ds.render_images([2])[2].shape == (3, 32, 32)  # rendered; the write replaces the FIFO
     assert path.is_file()
 
 
@@ -113,8 +111,8 @@ def test_an_unwritable_cache_keeps_images_in_memory_with_one_warning(tiny_archiv
     cache = unwritable_dir / "d3m-cache" if where == "unwritable folder" else tmp_path / "file"
     if where == "a file":
         cache.write_bytes(b"not a folder")
-    reference = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "ok", device="cpu")
-    ds = D3MDataset(tiny_archive_path, cache_dir=cache, device="cpu")
+    reference = D3MDataset(tiny_archive_path, cache_dir=tmp_path / "ok", render=CPU)
+    ds = D3MDataset(tiny_archive_path, cache_dir=cache, render=CPU)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         items = [ds[k] for k in (0, 20, 40)]  # three images of three classes: three failed writes
@@ -127,9 +125,9 @@ def test_an_unwritable_cache_keeps_images_in_memory_with_one_warning(tiny_archiv
 def test_the_cache_key_follows_the_transformers_version(ds, monkeypatch):
     import transformers
 
-    before = ds.cache_dir
+    before = ds.image_cache_dir
     monkeypatch.setattr(transformers, "__version__", "0.0.1")
-    assert _fresh(ds).cache_dir != before
+    assert _fresh(ds).image_cache_dir != before
 
 
 # -- names printed to a terminal -------------------------------------------
@@ -152,23 +150,19 @@ def _hostile_archive(tmp_path, filename="hostile.d3m") -> Path:
     return path
 
 
-def _inspect(*args):
-    return CliRunner().invoke(inspect_main, [str(a) for a in args])
-
-
 def _no_controls(text: str) -> bool:
     return "\x1b" not in text and "\x07" not in text and RLO not in text
 
 
 def test_summary_check_and_verify_lines_escape_terminal_controls(tmp_path):
     path = _hostile_archive(tmp_path)
-    summary = _inspect(path)
+    summary = run_inspect(path)
     assert summary.exit_code == 0, summary.output
     assert _no_controls(summary.stdout) and "evil\\x1b[2J" in summary.stdout and "\\u202etxt.exe" in summary.stdout
     named = _hostile_archive(tmp_path, "bad" + ESC + ".d3m")
-    assert _no_controls(_inspect(named, "--check").output)
+    assert _no_controls(run_inspect("check", named).output)
     named.write_bytes(named.read_bytes()[:-40])  # a broken archive under that name: the problem lines
-    broken = _inspect(named, "--check")
+    broken = run_inspect("check", named)
     assert broken.exit_code == 1 and _no_controls(broken.stderr) and "bad\\x1b[2J" in broken.stderr
     from d3mfmt.verify import VerifyReport
 
@@ -191,43 +185,46 @@ def test_build_logs_escape_class_folder_names(tiny_model, tmp_path, caplog):
 
 def test_nonpositive_counts_and_bad_tolerance_are_messages(tiny_archive_path, tmp_path):
     for per_class in ("-1", "0"):
-        out = _inspect(tiny_archive_path, "--preview", tmp_path / "p.png", "--per-class", per_class)
+        out = run_inspect("preview", tiny_archive_path, "-o", tmp_path / "p.png", "--per-class", per_class)
         assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.exception
         assert "--per-class" in out.stderr and "positive integer" in out.stderr
     assert not (tmp_path / "p.png").exists()
-    odd = _inspect(tiny_archive_path, "--preview", tmp_path / "grid.foo", "--per-class", "1")
+    odd = run_inspect("preview", tiny_archive_path, "-o", tmp_path / "grid.foo", "--per-class", "1")
     assert odd.exit_code == 0, odd.output  # PNG whatever the suffix (PIL raised "unknown file extension")
     assert (tmp_path / "grid.foo").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for tolerance in ("-1", "256"):
-        out = _inspect(tiny_archive_path, "--verify", "--tolerance", tolerance)
-        assert out.exit_code == 1 and "--tolerance must be in 0..255" in out.stderr
+        out = run_inspect("verify", tiny_archive_path, "--tolerance", tolerance)
+        assert out.exit_code == 1 and "--tolerance) must be in 0..255" in out.stderr
+    out = run_inspect("verify", tiny_archive_path, "--images", "0")
+    assert out.exit_code == 1 and "--images) must be a positive integer, got 0" in out.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_or_bogus_device_is_a_message_before_any_work(tiny_archive_path, tmp_path):
     for device, message in (("cuda", "cuda is not available"), ("bogus", "not a rendering device")):
-        for mode in (["--verify"], ["--export-images", tmp_path / "imgs"], ["--preview", tmp_path / "p.png"]):
-            out = _inspect(tiny_archive_path, *mode, "--device", device)
+        for mode in (["verify"], ["export", "images", "-o", tmp_path / "imgs"], ["preview", "-o", tmp_path / "p.png"],
+                     ["card", "-o", tmp_path / "card"]):
+            out = run_inspect(*mode, tiny_archive_path, "--device", device)
             assert out.exit_code == 1 and isinstance(out.exception, SystemExit), (mode, out.exception)
             assert message in out.stderr
-    assert not (tmp_path / "imgs").exists() and not (tmp_path / "p.png").exists()
+    assert not (tmp_path / "imgs").exists() and not (tmp_path / "p.png").exists() and not (tmp_path / "card").exists()
     with pytest.raises(D3MError, match="not a rendering device"):
-        D3MDataset(tiny_archive_path, device="bogus")
+        D3MDataset(tiny_archive_path, render=RenderOptions(device="bogus"))
 
 
 def test_a_failed_export_leaves_no_folder(tiny_archive_path, tmp_path):
-    out = _inspect(tiny_archive_path, "--export-images", tmp_path / "imgs", "--model", tmp_path / "no-model",
-                   "--cache-dir", tmp_path / "cache")
+    out = run_inspect("export", "images", tiny_archive_path, "-o", tmp_path / "imgs", "--model", tmp_path / "no-model",
+                      "--cache-dir", tmp_path / "cache")
     assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.exception
     assert not (tmp_path / "imgs").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder either
-    out = _inspect(tiny_archive_path, "--export-images", tmp_path / "new" / "deeper" / "imgs", "--model",
-                   tmp_path / "no-model")
+    out = run_inspect("export", "images", tiny_archive_path, "-o", tmp_path / "new" / "deeper" / "imgs", "--model",
+                      tmp_path / "no-model")
     assert out.exit_code == 1 and not (tmp_path / "new").exists()  # parents it made are gone too
     (tmp_path / "mine").mkdir()  # an empty folder the user made stays, empty
-    out = _inspect(tiny_archive_path, "--export-images", tmp_path / "mine", "--model", tmp_path / "no-model")
+    out = run_inspect("export", "images", tiny_archive_path, "-o", tmp_path / "mine", "--model", tmp_path / "no-model")
     assert out.exit_code == 1 and list((tmp_path / "mine").iterdir()) == []
-    ok = _inspect(tiny_archive_path, "--export-images", tmp_path / "mine", "--cache-dir", tmp_path / "cache")
+    ok = run_inspect("export", "images", tiny_archive_path, "-o", tmp_path / "mine", "--cache-dir", tmp_path / "cache")
     assert ok.exit_code == 0, ok.output
     assert len(list((tmp_path / "mine").rglob("*.png"))) == 48
 
@@ -309,6 +306,8 @@ def _finished_workdir(path: Path) -> Workdir:
 
 
 def _merge(wd: Workdir, out: Path):
+    from click.testing import CliRunner
+
     from builder.cli import main
 
     return CliRunner().invoke(main, ["merge", str(wd.path), "-o", str(out)])

@@ -4,15 +4,14 @@
 import hashlib
 import http.server
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import CPU, run_inspect
 
 import d3mfmt
-from d3mfmt import D3MError, resolve_archive
+from d3mfmt import D3MError, RenderOptions, resolve_archive
 from d3mfmt import sources
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,24 +113,24 @@ def test_dataset_and_inspect_accept_hub_ids(hf_cache):
     from d3mfmt import D3MDataset
 
     link = place_in_hf_cache(hf_cache, "org/mnist-d3m", "topk.d3m", DATA)
-    ds = D3MDataset("hf://datasets/org/mnist-d3m/topk.d3m", device="cpu")
+    ds = D3MDataset("hf://datasets/org/mnist-d3m/topk.d3m", render=CPU)
     assert ds.path == link and len(ds) == 80 and ds.classes[7] == "seven"
-    env = {**os.environ, "HF_HUB_CACHE": str(hf_cache)}
-    cmd = [sys.executable, "-c", "from d3mfmt.cli import inspect_main; inspect_main()"]
-    out = subprocess.run([*cmd, "hf://datasets/org/mnist-d3m/topk.d3m"], capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and "golden-topk: 10 classes" in out.stdout, out.stderr
-    out = subprocess.run([*cmd, "hf://datasets/org/other/topk.d3m"], capture_output=True, text=True, env=env)
-    assert out.returncode == 1 and "--allow-download" in out.stderr and "Traceback" not in out.stderr
+    out = run_inspect("hf://datasets/org/mnist-d3m/topk.d3m")
+    assert out.exit_code == 0 and "golden-topk: 10 classes" in out.stdout, out.output
+    assert run_inspect("check", "hf://datasets/org/mnist-d3m/topk.d3m").stdout.endswith(": valid\n")
+    out = run_inspect("hf://datasets/org/other/topk.d3m")
+    assert out.exit_code == 1 and "--allow-download" in out.stderr and isinstance(out.exception, SystemExit)
 
 
 def test_dataset_passes_the_same_switch_to_model_resolution(hf_cache):
     from d3mfmt import D3MDataset
 
     with pytest.raises(D3MError, match="allow_download=True"):
-        D3MDataset(TOPK, model="org/not-cached", device="cpu").cache_dir
+        D3MDataset(TOPK, render=RenderOptions(model="org/not-cached", device="cpu")).image_cache_dir
     # allowed: the model would be fetched, and HF_HUB_OFFLINE (set for the suite) is what stops it
+    allowed = RenderOptions(model="org/not-cached", device="cpu", allow_download=True)
     with pytest.raises(D3MError, match="HF_HUB_OFFLINE is set"):
-        D3MDataset(TOPK, model="org/not-cached", device="cpu", allow_download=True).regenerator
+        D3MDataset(TOPK, render=allowed).regenerator
 
 
 def test_sha256_checks_a_local_file_too():
@@ -251,16 +250,17 @@ def test_unpinned_url_needs_an_explicit_opt_out(server, d3m_cache):
         resolve_archive(f"{url}#sha256={DIGEST}", sha256="1" * 64)
 
 
-def test_dataset_and_inspect_accept_pinned_urls(server, d3m_cache):
+def test_dataset_and_inspect_accept_pinned_urls(server, d3m_cache, tmp_path):
     from d3mfmt import D3MDataset
 
     url = f"{server.url}/topk.d3m#sha256={DIGEST}"
-    cmd = [sys.executable, "-c", "from d3mfmt.cli import inspect_main; inspect_main()"]
-    out = subprocess.run([*cmd, f"{server.url}/topk.d3m"], capture_output=True, text=True)
-    assert out.returncode == 1 and "--allow-unpinned" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([*cmd, url, "--allow-download"], capture_output=True, text=True)
-    assert out.returncode == 0 and "golden-topk: 10 classes" in out.stdout, out.stderr
+    out = run_inspect(f"{server.url}/topk.d3m")
+    assert out.exit_code == 1 and "--allow-unpinned" in out.stderr and isinstance(out.exception, SystemExit)
+    out = run_inspect(url, "--allow-download")
+    assert out.exit_code == 0 and "golden-topk: 10 classes" in out.stdout, out.output
     assert server.requests == ["/topk.d3m"]
-    ds = D3MDataset(url, device="cpu")  # now cached: no download switch needed
+    out = run_inspect("export", "embeddings", f"{server.url}/topk.d3m", "--sha256", DIGEST, "-o", tmp_path / "emb")
+    assert out.exit_code == 0 and len(list((tmp_path / "emb").iterdir())) == 10, out.output  # cached: no fetch
+    ds = D3MDataset(url, render=CPU)  # now cached: no download switch needed
     assert ds.path == d3m_cache / "archives" / DIGEST / "topk.d3m" and len(ds) == 80
     assert server.requests == ["/topk.d3m"]

@@ -77,6 +77,6 @@ def archive_for(model_dir: Path, num_classes=3, ipc=4, grid=2, n_vectors=1, guid
         latent_shape=(4, SIZE // 2, SIZE // 2), prompt_template="a photo of {token}",
     )
     archive = replace(base, manifest=replace(base.manifest, generator=gen))
-    regen = Regenerator(gen, archive.embeddings, device="cpu")
+    regen = Regenerator(gen, archive.embeddings, d3mfmt.RenderOptions(device="cpu"))
     prints = np.stack([fingerprint(regen.render(c, archive.seeds[c].tolist()), 4) for c in range(num_classes)])
     return replace(archive, fingerprints=prints)

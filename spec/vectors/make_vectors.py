@@ -97,9 +97,15 @@ def topk() -> Archive:
 
     The class embeddings are d3m/tiny-mnist's own input embeddings of the digit
     words, the model identity is pinned, and the fingerprints are those of the
-    images the built-in model renders, so `d3m-inspect --verify` passes.
+    images the built-in model renders, so `d3m-inspect verify` passes.
     """
-    from d3mfmt.generator import Regenerator, fingerprint, shared_pipeline
+    recipe = topk_recipe()
+    return replace(recipe, fingerprints=rendered_fingerprints(recipe))
+
+
+def topk_recipe() -> Archive:
+    """``topk()`` before rendering: everything but the fingerprints (``fingerprints`` is None)."""
+    from d3mfmt.generator import shared_pipeline
     from d3mfmt.models import model_identity, resolve_model
 
     rng = np.random.default_rng(2)
@@ -121,16 +127,22 @@ def topk() -> Archive:
         fingerprint_size=4,
     )
     seeds = rng.integers(0, 2**31, (10, 2), dtype=np.int64)
-    regen = Regenerator(gen, embeddings, device="cpu")
-    prints = np.stack([fingerprint(regen.render(c, seeds[c].tolist()), 4) for c in range(10)])
     true = np.repeat(np.arange(10), 2 * 4)
     return Archive(
         manifest,
         embeddings=embeddings,
         seeds=seeds,
         labels=d3mfmt.encode_labels(_peaked(rng, true, 10), enc),
-        fingerprints=prints,
     )
+
+
+def rendered_fingerprints(archive: Archive) -> np.ndarray:
+    """uint8 ``[classes, ipc, F, F]``: the fingerprints of every image the archive renders to on the CPU."""
+    from d3mfmt.generator import Regenerator, fingerprint
+
+    regen = Regenerator(archive.manifest.generator, archive.embeddings, d3mfmt.RenderOptions(device="cpu"))
+    size = archive.manifest.fingerprint_size
+    return np.stack([fingerprint(regen.render(c, seeds.tolist()), size) for c, seeds in enumerate(archive.seeds)])
 
 
 def multivector() -> Archive:
