@@ -32,7 +32,8 @@ from .devices import check_device
 from .schedulers import PIPELINES, check_scheduler_config
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
-from .models import model_identity, resolve_model
+from .modelpin import check_pin, render_files
+from .models import resolve_model
 from .prompts import SLOT_TOKEN, encode_class_prompt, encode_text, placeholder_prompt, slot_ids, token_ids  # noqa: F401
 
 DEFAULT_RENDER_BATCH = 16  # images per pipeline call (D3MDataset, --verify, --preview)
@@ -53,12 +54,16 @@ def default_dtype(device: str) -> str:
     return "float16" if torch.device(device).type == "cuda" else "float32"
 
 
-def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool = False):
+def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool = False, variant: str | None = None):
     """The process-wide StableDiffusionPipeline for (identity, device, dtype, compile).
 
-    On CUDA the fast path of ``d3mfmt.accel`` is applied once, at load. A
-    compiled pipeline shares the eager one's modules, its UNet wrapped in
-    ``torch.compile``.
+    Loads exactly the files ``model_files(path, variant)`` pins: safetensors
+    only (never a pickled ``.bin``), the weight ``variant`` (``"fp16"``...; the
+    one ``model_files`` chose, so pass its ``.variant``), no safety checker or
+    feature extractor. ``identity`` (``model_files(path, variant).identity()``)
+    keys the cache. On CUDA the fast path of ``d3mfmt.accel`` is applied once, at
+    load. A compiled pipeline shares the eager one's modules, its UNet wrapped
+    in ``torch.compile``.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -66,7 +71,7 @@ def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool 
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)
         if pipe is None and compile:
-            eager = shared_pipeline(path, identity, device, dtype)
+            eager = shared_pipeline(path, identity, device, dtype, variant=variant)
             pipe = _with_scheduler(eager, type(eager.scheduler).__name__, dict(eager.scheduler.config),
                                    unet=accel.compiled_unet(eager.unet))
             _PIPELINES[key] = pipe
@@ -74,8 +79,8 @@ def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool 
             with _quiet_loading():
                 # torch_dtype: the spelling every supported diffusers accepts (newer ones also take dtype=)
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    path, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False,
-                    local_files_only=True,
+                    path, torch_dtype=DTYPES[dtype], variant=variant, use_safetensors=True, safety_checker=None,
+                    feature_extractor=None, image_encoder=None, requires_safety_checker=False, local_files_only=True,
                 )
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
@@ -172,6 +177,7 @@ class RenderSettings:
     device: str
     dtype: str
     compile: bool = False
+    variant: str | None = None  # the weight files loaded; the identity already tells them apart
 
     def key_parts(self) -> dict:
         import diffusers
@@ -201,11 +207,14 @@ def resolve_render_settings(
     allow_model_mismatch: bool = False,
     allow_download: bool = False,
     compile: bool = False,
+    variant: str | None = None,
 ):
     """(model folder, RenderSettings) for an archive's generator, without loading the model.
 
-    Raises D3MError for a non-deterministic scheduler or unknown dtype, and
-    D3MModelError when the model is missing or differs from the pinned identity.
+    ``variant`` overrides the weight variant the archive records
+    (``generator.model.variant``). Raises D3MError for a non-deterministic
+    scheduler or unknown dtype, and D3MModelError when the model is missing,
+    unsupported, or differs from the pinned identity.
     """
     # the reader's rules, also for a GeneratorInfo made in code: pipeline, deterministic scheduler, config
     if generator.pipeline not in PIPELINES:
@@ -218,16 +227,12 @@ def resolve_render_settings(
     if dtype not in DTYPES:
         raise D3MError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     revision = None if model else generator.model.revision
-    path = resolve_model(model or generator.model.id, revision, allow_download=allow_download)
-    identity = model_identity(path)
-    pinned = generator.model.identity
-    if pinned is not None and pinned != identity and not allow_model_mismatch:
-        raise D3MModelError(
-            f"the archive pins model {generator.model.id!r} with identity {pinned}, but {path} "
-            f"has {identity}; use the pinned weights, or pass allow_model_mismatch=True "
-            "(d3m-inspect: --allow-model-mismatch) to render anyway and check drift with --verify"
-        )
-    return path, RenderSettings(identity, device, dtype, bool(compile))
+    wanted = variant if variant is not None else generator.model.variant
+    path = resolve_model(model or generator.model.id, revision, allow_download=allow_download, variant=wanted)
+    files = render_files(generator.model, path, wanted, variant is None and allow_model_mismatch)
+    identity = files.identity()
+    check_pin(generator.model, path, files, identity, allow_model_mismatch)
+    return path, RenderSettings(identity, device, dtype, bool(compile), files.variant)
 
 
 class Regenerator:
@@ -244,6 +249,7 @@ class Regenerator:
         allow_download: fetch a hub model missing from the local cache.
         compile: ``torch.compile`` the UNet (off by default; the first call per
             batch shape compiles, minutes on a GPU; see ``d3mfmt.accel``).
+        variant: weight variant (``"fp16"``...) overriding ``generator.model.variant``.
     """
 
     def __init__(
@@ -257,18 +263,21 @@ class Regenerator:
         allow_model_mismatch: bool = False,
         allow_download: bool = False,
         compile: bool = False,
+        variant: str | None = None,
     ):
         # 1. check inputs; resolve the model and compare it with the archive's pin
         self.info = generator
         self.model_path, self.settings = resolve_render_settings(
             generator, model=model, device=device, dtype=dtype,
             allow_model_mismatch=allow_model_mismatch, allow_download=allow_download, compile=compile,
+            variant=variant,
         )
         self.device, self.dtype = self.settings.device, self.settings.dtype
         check_device(self.device)
         identity = self.settings.model_identity
         # 2. a pipeline of our own scheduler over the shared components
-        shared = shared_pipeline(self.model_path, identity, self.device, self.dtype, self.settings.compile)
+        shared = shared_pipeline(self.model_path, identity, self.device, self.dtype, self.settings.compile,
+                                 self.settings.variant)
         self.pipe = _with_scheduler(shared, generator.scheduler, generator.scheduler_config)
         self._check_embeddings(embeddings)
         self.embeddings = embeddings
