@@ -172,6 +172,8 @@ def _index_shards(raw: bytes, where: str) -> list[str]:
     except (UnicodeDecodeError, ValueError):
         raise D3MModelError(f"{where} is not valid JSON") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
+        raise D3MModelError(f"{where} has no 'metadata' object (diffusers and transformers read it)")
     if not isinstance(weight_map, dict) or not weight_map:
         raise D3MModelError(f"{where} has no 'weight_map' object naming the shards")
     shards = sorted(set(weight_map.values()), key=str)
