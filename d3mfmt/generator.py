@@ -32,7 +32,7 @@ from .devices import check_device
 from .schedulers import PIPELINES, check_scheduler_config
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
-from .modelpin import check_pin, render_files
+from .modelpin import check_pin, model_files, render_files
 from .models import resolve_model
 from .prompts import SLOT_TOKEN, encode_class_prompt, encode_text, placeholder_prompt, slot_ids, token_ids  # noqa: F401
 
@@ -58,15 +58,16 @@ def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool 
     """The process-wide StableDiffusionPipeline for (identity, device, dtype, compile).
 
     Loads exactly the files ``model_files(path, variant)`` pins: safetensors
-    only (never a pickled ``.bin``), the weight ``variant`` (``"fp16"``...; the
-    one ``model_files`` chose, so pass its ``.variant``), no safety checker or
-    feature extractor. ``identity`` (``model_files(path, variant).identity()``)
+    only (never a pickled ``.bin``), the weight ``variant`` (``"fp16"``...; None:
+    the plain files, or the only variant present, as ``model_files`` decides),
+    no safety checker or feature extractor. ``identity`` (``model_files(path, variant).identity()``)
     keys the cache. On CUDA the fast path of ``d3mfmt.accel`` is applied once, at
     load. A compiled pipeline shares the eager one's modules, its UNet wrapped
     in ``torch.compile``.
     """
     from diffusers import StableDiffusionPipeline
 
+    variant = model_files(path, variant).variant  # None: the plain files, or the only variant present
     key = (identity, str(torch.device(device)), dtype, bool(compile))
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)

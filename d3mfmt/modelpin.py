@@ -138,11 +138,11 @@ def _resolve_variant(listing: dict[str, set[str]], variant: str | None, where: s
     shown = "; ".join(f"{c}: {', '.join(v) or 'none'}" for c, v in offered.items())
     _, prefix = WEIGHT_COMPONENTS[missing[0]]
     single, _ = _weight_names(prefix, variant)
-    asked = "the plain weights" if variant is None else f"variant {variant!r}"
+    asked = "plain" if variant is None else f"variant {variant!r}"
     raise D3MModelError(
-        f"{where}: {missing[0]}/ has no {single} (safetensors weights for {asked}); variants present: {shown}. "
-        "Pass variant=NAME for one every component has (d3m-build/d3m-inspect: --variant NAME), "
-        "or download the missing files"
+        f"{where}: {missing[0]}/ has no {single} (the {asked} weights; only safetensors are loaded, never a "
+        f"pickled .bin); variants present: {shown}. Pass variant=NAME for one every component has "
+        "(d3m-build/d3m-inspect: --variant NAME), or download the missing files"
     )
 
 
@@ -248,7 +248,13 @@ def model_identity(path: str | os.PathLike, variant: str | None = None) -> str:
 
 
 def render_files(model_ref, path, wanted: str | None, may_change_variant: bool) -> ModelFiles:
-    """The files to load; with allow_model_mismatch, an absent recorded variant gives way to the folder's own."""
+    """The files to render an archive with: ``model_files(path, wanted)``.
+
+    ``wanted`` is the variant asked for or recorded in ``model_ref``. When
+    ``may_change_variant`` (allow_model_mismatch without an explicit variant)
+    and the folder lacks that variant, its own default files are used instead,
+    with a warning: the identity then differs and is reported as allowed.
+    """
     try:
         return model_files(path, wanted)
     except D3MModelError:
@@ -262,7 +268,11 @@ def render_files(model_ref, path, wanted: str | None, may_change_variant: bool) 
 
 
 def check_pin(model_ref, path, files: ModelFiles, identity: str, allow_model_mismatch: bool) -> None:
-    """Refuse weights other than the pinned ones, unless told to render anyway."""
+    """Raise D3MModelError when ``identity`` is not ``model_ref.identity``, unless ``allow_model_mismatch``.
+
+    The message names the rule of a legacy ``sha256:`` pin, or the other
+    variants in the folder when one of them may be the pinned one.
+    """
     pinned = model_ref.identity
     if pinned is None or pinned == identity or allow_model_mismatch:
         return

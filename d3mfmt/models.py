@@ -39,9 +39,6 @@ import shlex
 
 from d3mfmt.errors import D3MModelError
 from d3mfmt.modelpin import (  # noqa: F401  (re-exported: the builder and examples import them from here)
-    CONFIG_FILE,
-    TOKENIZER_FILES,
-    WEIGHT_COMPONENTS,
     ModelFiles,
     check_variant,
     model_files,
@@ -260,8 +257,19 @@ def _hub_snapshot(model_id: str, revision: str | None, allow_download: bool, var
         )
     try:
         return _download_pinned(model_id, revision, variant)
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as err:
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError, *_http_errors()) as err:
         raise D3MModelError(f"model {model_id!r}{at}: download failed: {str(err)[:300]}") from None
+
+
+def _http_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP clients' own connection errors (httpx's are not OSErrors), where installed."""
+    found = []
+    for module, name in (("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            found.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def resolve_model(model_id: str, revision: str | None = None, *, allow_download: bool = False,

@@ -199,7 +199,11 @@ def test_legacy_whole_folder_pins_are_named_as_such(folders):
 # --- variants ------------------------------------------------------------------------
 
 def test_variant_is_detected_when_only_variant_files_exist(folders):
+    from d3mfmt.generator import shared_pipeline
+
     assert model_files(folders["fp16"]).variant == "fp16"
+    pipe = shared_pipeline(folders["fp16"], model_identity(folders["fp16"]), "cpu", "float32")  # no variant given
+    assert pipe.unet.dtype.is_floating_point and pipe.text_encoder.get_input_embeddings().weight.shape == (49408, 32)
     assert model_files(folders["fp16"], "fp16").files == model_files(folders["fp16"]).files
     assert model_files(folders["sd15-full"]).variant is None  # plain weights exist: they are the default
     assert model_files(folders["sd15-full"]).variants == ("fp16", "non_ema")
