@@ -38,6 +38,7 @@ import re
 import shlex
 
 from d3mfmt.errors import D3MModelError
+from d3mfmt.modelpin import MAX_INDEX_BYTES as MAX_WEIGHT_INDEX_BYTES
 from d3mfmt.modelpin import (  # noqa: F401  (re-exported: the builder and examples import them from here)
     ModelFiles,
     check_variant,
@@ -220,7 +221,7 @@ def _download_pinned(model_id: str, revision: str | None, variant: str | None) -
 
     def read_index(rel: str) -> bytes:
         with open(hf_hub_download(model_id, rel, revision=revision), "rb") as f:
-            return f.read()
+            return f.read(MAX_WEIGHT_INDEX_BYTES + 1)  # select_files refuses anything longer
 
     _, files, _ = select_files(names, variant, read_index, where)
     wanted = [*files, *(n for n in DOWNLOAD_EXTRAS if n in names)]
