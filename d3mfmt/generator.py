@@ -32,7 +32,8 @@ from .devices import check_device
 from .schedulers import PIPELINES, check_scheduler_config
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
-from .models import model_identity, resolve_model
+from .modelpin import check_pin, model_files, render_files
+from .models import resolve_model
 from .prompts import encode_class_prompt, encode_text
 from .render import DTYPE_NAMES, RenderOptions, checked
 
@@ -54,20 +55,26 @@ def default_dtype(device: str) -> str:
     return "float16" if torch.device(device).type == "cuda" else "float32"
 
 
-def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool = False):
+def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool = False, variant: str | None = None):
     """The process-wide StableDiffusionPipeline for (identity, device, dtype, compile).
 
-    On CUDA the fast path of ``d3mfmt.accel`` is applied once, at load. A
-    compiled pipeline shares the eager one's modules, its UNet wrapped in
-    ``torch.compile``.
+    Loads exactly the files ``model_files(path, variant)`` pins: safetensors
+    only (never a pickled ``.bin``), the weight ``variant`` (``"fp16"``...; None:
+    the plain files, or the only variant present, as ``model_files`` decides),
+    no safety checker or feature extractor. ``identity`` (``model_files(path, variant).identity()``)
+    keys the cache. On CUDA the fast path of ``d3mfmt.accel`` is applied once, at
+    load. A compiled pipeline shares the eager one's modules, its UNet wrapped
+    in ``torch.compile``.
     """
     from diffusers import StableDiffusionPipeline
+
+    variant = model_files(path, variant).variant  # None: the plain files, or the only variant present
 
     key = (identity, str(torch.device(device)), dtype, bool(compile))
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)
         if pipe is None and compile:
-            eager = shared_pipeline(path, identity, device, dtype)
+            eager = shared_pipeline(path, identity, device, dtype, variant=variant)
             pipe = _with_scheduler(eager, type(eager.scheduler).__name__, dict(eager.scheduler.config),
                                    unet=accel.compiled_unet(eager.unet))
             _PIPELINES[key] = pipe
@@ -75,8 +82,8 @@ def shared_pipeline(path, identity: str, device: str, dtype: str, compile: bool 
             with _quiet_loading():
                 # torch_dtype: the spelling every supported diffusers accepts (newer ones also take dtype=)
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    path, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False,
-                    local_files_only=True,
+                    path, torch_dtype=DTYPES[dtype], variant=variant, use_safetensors=True, safety_checker=None,
+                    feature_extractor=None, image_encoder=None, requires_safety_checker=False, local_files_only=True,
                 )
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
@@ -173,6 +180,7 @@ class RenderSettings:
     device: str
     dtype: str
     compile: bool = False
+    variant: str | None = None  # the weight files loaded; the identity already tells them apart
 
     def key_parts(self) -> dict:
         import diffusers
@@ -195,8 +203,10 @@ class RenderSettings:
 def resolve_render_settings(generator: GeneratorInfo, render: RenderOptions | None = None):
     """(model folder, RenderSettings) for an archive's generator under ``render``, without loading the model.
 
-    Raises D3MError for a non-deterministic scheduler, a bad option or device,
-    and D3MModelError when the model is missing or differs from the pinned identity.
+    ``render.variant`` overrides the weight variant the archive records
+    (``generator.model.variant``). Raises D3MError for a non-deterministic
+    scheduler, a bad option or device, and D3MModelError when the model is
+    missing, unsupported, or differs from the pinned identity.
     """
     render = checked(render)
     # the reader's rules, also for a GeneratorInfo made in code: pipeline, deterministic scheduler, config
@@ -208,16 +218,13 @@ def resolve_render_settings(generator: GeneratorInfo, render: RenderOptions | No
     check_device(device)
     dtype = render.dtype or default_dtype(device)
     revision = None if render.model else generator.model.revision
-    path = resolve_model(render.model or generator.model.id, revision, allow_download=render.allow_download)
-    identity = model_identity(path)
-    pinned = generator.model.identity
-    if pinned is not None and pinned != identity and not render.allow_model_mismatch:
-        raise D3MModelError(
-            f"the archive pins model {generator.model.id!r} with identity {pinned}, but {path} "
-            f"has {identity}; use the pinned weights, or pass RenderOptions(allow_model_mismatch=True) "
-            "(d3m-inspect: --allow-model-mismatch) to render anyway and check drift with d3m-inspect verify"
-        )
-    return path, RenderSettings(identity, device, dtype, render.compile)
+    wanted = render.variant if render.variant is not None else generator.model.variant
+    path = resolve_model(render.model or generator.model.id, revision, allow_download=render.allow_download,
+                         variant=wanted)
+    files = render_files(generator.model, path, wanted, render.variant is None and render.allow_model_mismatch)
+    identity = files.identity()
+    check_pin(generator.model, path, files, identity, render.allow_model_mismatch)
+    return path, RenderSettings(identity, device, dtype, render.compile, files.variant)
 
 
 class Regenerator:
@@ -239,7 +246,8 @@ class Regenerator:
         check_device(self.device)
         identity = self.settings.model_identity
         # 2. a pipeline of our own scheduler over the shared components
-        shared = shared_pipeline(self.model_path, identity, self.device, self.dtype, self.settings.compile)
+        shared = shared_pipeline(self.model_path, identity, self.device, self.dtype, self.settings.compile,
+                                 self.settings.variant)
         self.pipe = _with_scheduler(shared, generator.scheduler, generator.scheduler_config)
         self._check_embeddings(embeddings)
         self.embeddings = embeddings

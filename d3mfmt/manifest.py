@@ -36,6 +36,7 @@ EMBEDDING_DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 RNG_RULE = "torch-cpu-float32"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_VARIANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # generator.model.variant (SPEC "Manifest fields")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class ModelRef:
 
     id: str
     revision: str | None = None
-    identity: str | None = None  # "sha256:<hex>" over the model files
+    identity: str | None = None  # "files-sha256:<hex>" over the files rendering loads (SPEC "Model identity")
+    variant: str | None = None  # weight-file variant ("fp16"); None: the plain files. Written only when set.
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ def _parse_generator(g: Fields) -> GeneratorInfo:
     check_scheduler_config(scheduler, config, steps)
     return GeneratorInfo(
         pipeline=g.choice("pipeline", PIPELINES),
-        model=ModelRef(model.str("id"), model.str("revision", optional=True), model.str("identity", optional=True)),
+        model=_parse_model_ref(model),
         scheduler=scheduler,
         scheduler_config=config,
         steps=steps,
@@ -307,7 +309,7 @@ def generator_to_dict(gen: GeneratorInfo) -> dict:
     """The manifest's ``generator`` object for ``gen``."""
     return {
         "pipeline": gen.pipeline,
-        "model": {"id": gen.model.id, "revision": gen.model.revision, "identity": gen.model.identity},
+        "model": _model_ref_to_dict(gen.model),
         "scheduler": {"class": gen.scheduler, "config": gen.scheduler_config},
         "steps": gen.steps,
         "guidance_scale": gen.guidance_scale,
@@ -321,6 +323,21 @@ def generator_to_dict(gen: GeneratorInfo) -> dict:
         "negative_prompt": gen.negative_prompt,
         "rng": gen.rng,
     }
+
+
+def _parse_model_ref(model: Fields) -> ModelRef:
+    variant = model.str("variant", optional=True, max_len=64)
+    if variant is not None and not _VARIANT.match(variant):
+        raise model._fail("variant", "a variant name of letters, digits, '_' and '-' (e.g. 'fp16')", variant)
+    return ModelRef(model.str("id"), model.str("revision", optional=True), model.str("identity", optional=True), variant)
+
+
+def _model_ref_to_dict(ref: ModelRef) -> dict:
+    """``generator.model``; ``variant`` only when set, so archives without one keep their bytes and content hash."""
+    doc = {"id": ref.id, "revision": ref.revision, "identity": ref.identity}
+    if ref.variant is not None:
+        doc["variant"] = ref.variant
+    return doc
 
 
 def generator_from_dict(doc: dict) -> GeneratorInfo:

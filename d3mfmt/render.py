@@ -8,7 +8,7 @@ touches one class. Importing this module imports no torch.
 Example:
     >>> from d3mfmt import RenderOptions
     >>> RenderOptions(device="cpu")
-    RenderOptions(model=None, device='cpu', dtype=None, allow_model_mismatch=False, allow_download=False, compile=False)
+    RenderOptions(model=None, device='cpu', dtype=None, allow_model_mismatch=False, allow_download=False, compile=False, variant=None)
     >>> ds = D3MDataset("spec/vectors/topk.d3m", render=RenderOptions(device="cpu"))   # doctest: +SKIP
 """
 
@@ -34,6 +34,8 @@ class RenderOptions:
         allow_download: fetch a hub model missing from the local cache
             (``D3MDataset`` also fetches a hub or URL archive with it).
         compile: ``torch.compile`` the UNet (off by default; see ``d3mfmt.accel``).
+        variant: the weight variant to load (``"fp16"``...) instead of the one the
+            archive records (``generator.model.variant``); see ``d3mfmt.modelpin``.
     """
 
     model: str | None = None
@@ -42,10 +44,11 @@ class RenderOptions:
     allow_model_mismatch: bool = False
     allow_download: bool = False
     compile: bool = False
+    variant: str | None = None
 
     def check(self) -> None:
         """Raise D3MError for a value of the wrong type or an unknown dtype (devices: ``devices.check_device``)."""
-        for name in ("model", "device"):
+        for name in ("model", "device", "variant"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise D3MError(f"RenderOptions.{name} must be a non-empty string or None, got {value!r}")

@@ -41,7 +41,8 @@ from d3mfmt.dataset import D3MDataset
 from d3mfmt.export import export_images
 from d3mfmt.generator import initial_latents, shared_pipeline, single_thread
 from d3mfmt.mnist import MNIST_CLASS_NAMES
-from d3mfmt.models import BUILTIN_MODELS, model_identity, resolve_model
+from d3mfmt.modelpin import model_identity
+from d3mfmt.models import BUILTIN_MODELS, resolve_model
 
 CPU = d3mfmt.RenderOptions(device="cpu")  # every render here is on the CPU
 

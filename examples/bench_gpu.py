@@ -106,7 +106,7 @@ def bench_archive(pipe, model_dir: Path, s: BenchSettings, path: Path) -> Path:
     """A 100-class archive for ``model_dir``: embeddings are random rows of the model's token table."""
     import d3mfmt
     from d3mfmt import ClassInfo, DatasetInfo, EmbeddingInfo, GeneratorInfo, LabelEncoding, Manifest, ModelRef
-    from d3mfmt.models import model_identity
+    from d3mfmt.modelpin import model_identity
 
     rng = np.random.default_rng(0)
     table = pipe.text_encoder.get_input_embeddings().weight.detach().float().cpu().numpy()
@@ -283,7 +283,7 @@ def run(s: BenchSettings, workdir: Path, mode: str, log=print) -> dict:
     """All measurements; returns the JSON document."""
     import d3mfmt
     from d3mfmt.generator import shared_pipeline
-    from d3mfmt.models import model_identity
+    from d3mfmt.modelpin import model_identity
 
     t_start = time.perf_counter()
     # 1. the model: SD 1.5's architecture, random weights, fp16 on disk

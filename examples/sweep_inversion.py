@@ -36,7 +36,8 @@ from builder.labelling import class_seeds, render_and_label  # noqa: E402
 from builder.patches import make_collages, select_patches  # noqa: E402
 from d3mfmt import RenderOptions  # noqa: E402
 from d3mfmt.generator import Regenerator, default_dtype, shared_pipeline  # noqa: E402
-from d3mfmt.models import model_identity, resolve_model  # noqa: E402
+from d3mfmt.modelpin import model_identity  # noqa: E402
+from d3mfmt.models import resolve_model  # noqa: E402
 
 _D = model_defaults(DEMO_MODEL)
 BASE = InversionSettings(steps=_D.ti_steps, lr=_D.ti_lr, batch=_D.ti_batch)  # the built-in model's defaults

@@ -249,7 +249,7 @@ def test_bad_label_options_fail_before_building(image_folder, tmp_path, kind_opt
 def test_zero_inversion_steps_keep_the_initial_word(tiny_model, image_folder, tmp_path):
     from builder.inversion import initial_vector
     from d3mfmt.generator import shared_pipeline
-    from d3mfmt.models import model_identity
+    from d3mfmt.modelpin import model_identity
 
     settings = replace(tiny_build_settings(tiny_model), inversion=InversionSettings(steps=0))
     wd = build(ImageFolderSource(image_folder), settings, tmp_path / "wd",

@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from d3mfmt import models  # noqa: E402
+from d3mfmt import modelpin, models  # noqa: E402
 from d3mfmt.errors import D3MError, D3MModelError  # noqa: E402
 from d3mfmt.mnist import MNIST_CLASS_NAMES, load_mnist, split_indices  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_builtin_pipeline_takes_the_class_word_and_placeholder_slots():
     from d3mfmt.prompts import SLOT_TOKEN, placeholder_prompt
 
     path = models.resolve_model("d3m/tiny-mnist")
-    pipe = shared_pipeline(path, models.model_identity(path), "cpu", "float32")
+    pipe = shared_pipeline(path, modelpin.model_identity(path), "cpu", "float32")
     assert len(pipe.tokenizer("handwritten digit seven", add_special_tokens=False).input_ids) == 3
     ids, slots = placeholder_prompt(pipe, "a collage of {token}", "{token}", 2)
     assert pipe.tokenizer.convert_ids_to_tokens(slots) == [SLOT_TOKEN.format(0), SLOT_TOKEN.format(1)]
@@ -152,8 +152,14 @@ def test_directory_without_model_index_is_reported(tmp_path):
 
 
 def test_directory_resolves_as_is(tmp_path):
+    copy = shutil.copytree(models.resolve_model("d3m/tiny-mnist"), tmp_path / "copy")
+    assert models.resolve_model(str(copy)) == copy.resolve()
+
+
+def test_directory_of_another_pipeline_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
-    assert models.resolve_model(str(tmp_path)) == tmp_path.resolve()
+    with pytest.raises(D3MModelError, match="is a 'None' pipeline.*supports StableDiffusionPipeline"):
+        models.resolve_model(str(tmp_path))
 
 
 def test_uncached_hub_model_says_how_to_get_it(tmp_path, monkeypatch):
@@ -164,7 +170,7 @@ def test_uncached_hub_model_says_how_to_get_it(tmp_path, monkeypatch):
         models.resolve_model("some-org/not-downloaded", revision="v1")
     message = str(info.value)
     assert "'some-org/not-downloaded'" in message and "not in the local Hugging Face cache" in message
-    assert "huggingface-cli download some-org/not-downloaded --revision v1" in message
+    assert "`hf download some-org/not-downloaded --revision v1`" in message
     assert str(tmp_path) in message
 
 
@@ -185,36 +191,39 @@ def test_cached_hub_model_resolves_to_its_snapshot(tmp_path, monkeypatch):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (snapshot / "model_index.json").write_text("{}")
+    shutil.copytree(models.resolve_model("d3m/tiny-mnist"), snapshot)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert models.resolve_model("some-org/tiny") == snapshot
     assert models.resolve_model("some-org/tiny", revision=commit) == snapshot
+    with pytest.raises(D3MModelError, match="not in the local Hugging Face cache"):
+        models.resolve_model("some-org/tiny", revision="v2")
 
 
 # --- model identity -------------------------------------------------------------
 
-def test_model_identity_is_stable_and_tracks_content(tmp_path):
+def test_model_identity_is_stable_and_tracks_what_is_loaded(tmp_path):
+
     copy = tmp_path / "tiny-mnist"
     shutil.copytree(models.resolve_model("d3m/tiny-mnist"), copy)
-    first = models.model_identity(copy)
-    assert first.startswith("sha256:") and len(first) == 7 + 64
-    models._IDENTITY_MEMO.clear()  # the sidecar cache answers now
-    assert models.model_identity(copy) == first
-    assert models.model_identity(models.resolve_model("d3m/tiny-mnist")) == first  # same bytes
-    scheduler = copy / "scheduler" / "scheduler_config.json"
-    scheduler.write_text(scheduler.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
-    changed = models.model_identity(copy)
-    assert changed != first
+    first = modelpin.model_identity(copy)
+    assert first.startswith("files-sha256:") and len(first) == 13 + 64
+    modelpin._DIGEST_MEMO.clear()  # the sidecar digest table answers now
+    assert modelpin.model_identity(copy) == first
+    assert modelpin.model_identity(models.resolve_model("d3m/tiny-mnist")) == first  # same bytes
     (copy / "README.md").write_text("not part of the identity")
-    assert models.model_identity(copy) == changed
+    scheduler = copy / "scheduler" / "scheduler_config.json"  # the archive carries the scheduler it renders with
+    scheduler.write_text(scheduler.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
+    (copy / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"an unused variant")
+    assert modelpin.model_identity(copy) == first
+    config = copy / "vae" / "config.json"
+    config.write_text(config.read_text().replace("\n", "\n\n", 1))
+    assert modelpin.model_identity(copy) != first
 
 
 def test_model_identity_matches_its_definition(tmp_path):
-    (tmp_path / "b").mkdir()
-    (tmp_path / "a.json").write_bytes(b"{}")
-    (tmp_path / "b" / "w.safetensors").write_bytes(b"xyz")
-    expected = hashlib.sha256(
-        b"a.json\0" + (2).to_bytes(8, "little") + b"{}" + b"b/w.safetensors\0" + (3).to_bytes(8, "little") + b"xyz"
-    ).hexdigest()
-    assert models.model_identity(tmp_path) == "sha256:" + expected
+    files = modelpin.model_files(models.resolve_model("d3m/tiny-mnist"))
+    listing = "".join(
+        f"{hashlib.sha256((files.root / rel).read_bytes()).hexdigest()}  {rel}\n" for rel in sorted(files.files)
+    )
+    assert files.listing() == listing
+    assert modelpin.model_identity(files.root) == "files-sha256:" + hashlib.sha256(listing.encode()).hexdigest()

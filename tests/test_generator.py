@@ -104,7 +104,7 @@ def test_prompt_embeds_equal_diffusers_textual_inversion(tiny_model, tmp_path, n
 
 
 def test_pinned_identity_mismatch_is_an_error_unless_overridden(archive):
-    gen = replace(archive.manifest.generator, model=replace(archive.manifest.generator.model, identity="sha256:" + "0" * 64))
+    gen = replace(archive.manifest.generator, model=replace(archive.manifest.generator.model, identity="files-sha256:" + "0" * 64))
     with pytest.raises(D3MModelError, match="allow_model_mismatch=True"):
         Regenerator(gen, archive.embeddings, CPU)
     Regenerator(gen, archive.embeddings, RenderOptions(device="cpu", allow_model_mismatch=True))

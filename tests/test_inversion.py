@@ -14,7 +14,7 @@ from builder.inversion import (
     validation_loss,
 )
 from d3mfmt.generator import shared_pipeline
-from d3mfmt.models import model_identity
+from d3mfmt.modelpin import model_identity
 from d3mfmt.prompts import placeholder_prompt
 
 TEMPLATE = "a photo of {token}"

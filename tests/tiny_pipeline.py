@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import d3mfmt
-from d3mfmt.models import model_identity
+from d3mfmt.modelpin import model_identity
 
 TEXT_DIM = 32
 SIZE = 32  # pixels; the VAE halves it: latents 4 x 16 x 16

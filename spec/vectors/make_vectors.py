@@ -106,7 +106,8 @@ def topk() -> Archive:
 def topk_recipe() -> Archive:
     """``topk()`` before rendering: everything but the fingerprints (``fingerprints`` is None)."""
     from d3mfmt.generator import shared_pipeline
-    from d3mfmt.models import model_identity, resolve_model
+    from d3mfmt.modelpin import model_identity
+    from d3mfmt.models import resolve_model
 
     rng = np.random.default_rng(2)
     path = resolve_model("d3m/tiny-mnist")
