@@ -57,25 +57,10 @@ def build_one(spec: ArchiveSpec, root: Path, cache_dir: Path) -> dict:
     return {"path": str(soft), "bytes_soft": soft.stat().st_size, "bytes_hard": hard.stat().st_size}
 
 
-def _build_task(args) -> dict:
-    spec, root, cache_dir = args
-    return build_one(spec, root, cache_dir)
-
-
-def build_all(specs: list[ArchiveSpec], root: Path, cache_dir: Path, workers: int = 1) -> dict[ArchiveSpec, dict]:
-    """Every archive of ``specs``, ``workers`` builds at a time (each in its own single-threaded process)."""
-    specs = list(dict.fromkeys(specs))
-    if workers <= 1:
-        return {s: build_one(s, root, cache_dir) for s in specs}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from .runner import init_worker
-
-    examples_dir = str(Path(__file__).resolve().parent.parent)
-    # longest first: more images and bigger collages take longer
-    order = sorted(specs, key=lambda s: -s.ipc * s.grid * s.grid * (s.resolution or 64) ** 2)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                             initargs=(examples_dir,)) as pool:
-        results = list(pool.map(_build_task, [(s, root, cache_dir) for s in order]))
-    return dict(zip(order, results))
+def existing(spec: ArchiveSpec, root: Path) -> dict | None:
+    """``build_one``'s result for a finished build, without building (None when it is not there)."""
+    folder = spec.folder(root)
+    soft, hard = folder / "archive.d3m", folder / "archive.hard.d3m"
+    if not (soft.is_file() and hard.is_file()):
+        return None
+    return {"path": str(soft), "bytes_soft": soft.stat().st_size, "bytes_hard": hard.stat().st_size}

@@ -154,8 +154,8 @@ def write_report(rows, plan, cfg, storage: dict, seconds: dict, out: Path, comma
     budget_lines, budget_records = budget_table(rows, plan.budgets)
     dd_lines, dd_records = ddranking(rows)
     md = [f"Command: `{command}`; {cfg.steps} steps of batch {cfg.batch}, seeds {list(plan.seeds)}, "
-          f"accuracy % on the held-out digits (mean ± std); wall time {seconds['total']} s "
-          f"(builds and pixel caches {seconds['builds']} s).", "",
+          f"accuracy % on the held-out digits (mean ± std); "
+          + ("tables from the cached results." if seconds["report_only"] else f"wall time {seconds['total']} s."), "",
           "Cross-architecture:", "", *cross_table(rows, plan), "",
           "Equal storage, ConvNet-3 (bytes as stored: archive file, or PNG files + label file):", "",
           *storage_table(rows), "", "Best within a byte budget (ConvNet-3):", "", *budget_lines, "",

@@ -87,42 +87,66 @@ def run_job(job: Job) -> float:
     return evaluate(model, heldout.images, heldout.labels)
 
 
-def run_jobs(jobs: list[Job], results_dir: Path, workers: int = 1) -> list[float]:
-    """Accuracies of ``jobs`` (same order): cached ones are read, the rest trained, ``workers`` at a time."""
+def cached_accuracy(job: Job, results_dir: Path) -> float | None:
+    f = results_dir / f"{job_key(job)}.json"
+    return json.loads(f.read_text())["accuracy"] if f.is_file() else None
+
+
+def store_accuracy(job: Job, acc: float, results_dir: Path) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    keys = [job_key(j) for j in jobs]
-    out: dict[int, float] = {}
-    todo = []
-    for i, key in enumerate(keys):
-        f = results_dir / f"{key}.json"
-        if f.is_file():
-            out[i] = json.loads(f.read_text())["accuracy"]
-        else:
-            todo.append(i)
-    log.info("%d student runs: %d cached, %d to train on %d worker(s)", len(jobs), len(jobs) - len(todo), len(todo),
-             workers)
-    start = time.perf_counter()
+    key = job_key(job)
+    tmp = results_dir / f".{key}.tmp"
+    tmp.write_text(json.dumps({"accuracy": acc, "job": {**asdict(job), "cfg": asdict(job.cfg)}}))
+    os.replace(tmp, results_dir / f"{key}.json")
 
-    def done(i: int, acc: float) -> None:
-        out[i] = acc
-        tmp = results_dir / f".{keys[i]}.tmp"
-        tmp.write_text(json.dumps({"accuracy": acc, "job": {**asdict(jobs[i]), "cfg": asdict(jobs[i].cfg)}}))
-        os.replace(tmp, results_dir / f"{keys[i]}.json")
-        j = jobs[i]
-        log.info("[%d/%d %.0fs] %s %s %s seed %d: %.4f", len(out), len(jobs), time.perf_counter() - start,
-                 Path(j.path).name, j.protocol, j.student, j.seed, acc)
 
-    if workers <= 1:
-        for i in todo:
-            done(i, run_job(jobs[i]))
-    else:
+class Scheduler:
+    """One pool of ``workers`` single-threaded processes for builds and student runs, first come first served.
+
+    A build's follow-up runs are submitted when it finishes (``then``), so cheap
+    runs fill the workers while a long build occupies one of them.
+    """
+
+    def __init__(self, workers: int, results_dir: Path):
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import ProcessPoolExecutor
 
+        self.results_dir, self.pending, self.accuracies = results_dir, {}, {}
+        self.start, self.trained = time.perf_counter(), 0
         examples_dir = str(Path(__file__).resolve().parent.parent)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                                 initargs=(examples_dir,)) as pool:
-            futures = {pool.submit(run_job, jobs[i]): i for i in todo}
-            for future in as_completed(futures):
-                done(futures[future], future.result())
-    return [out[i] for i in range(len(jobs))]
+        self.pool = ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=init_worker, initargs=(examples_dir,))
+
+    def submit_jobs(self, jobs: list[Job]) -> None:
+        """Queue the runs whose accuracy is not cached yet."""
+        for job in jobs:
+            acc = cached_accuracy(job, self.results_dir)
+            if acc is not None:
+                self.accuracies[job] = acc
+            elif job not in self.accuracies and job not in self.pending.values():
+                self.pending[self.pool.submit(run_job, job)] = job
+
+    def submit(self, fn, *args, then=None) -> None:
+        """Queue ``fn(*args)`` in a worker; ``then(result)`` runs here when it is done."""
+        self.pending[self.pool.submit(fn, *args)] = ("task", then)
+
+    def wait(self) -> dict:
+        """Run everything queued (and what finished tasks queue); returns {job: accuracy}."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while self.pending:
+            done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                item = self.pending.pop(future)
+                if isinstance(item, Job):
+                    acc = future.result()
+                    self.accuracies[item] = acc
+                    store_accuracy(item, acc, self.results_dir)
+                    self.trained += 1
+                    log.info("[run %d, %d queued, %.0fs] %s %s %s seed %d: %.4f", self.trained, len(self.pending),
+                             time.perf_counter() - self.start, Path(item.path).name, item.protocol, item.student,
+                             item.seed, acc)
+                elif item[1] is not None:
+                    item[1](future.result())
+        self.pool.shutdown()
+        return self.accuracies
