@@ -93,11 +93,12 @@ class Entry:
 
 
 def archive_specs(plan: Plan) -> list[ArchiveSpec]:
-    """Every archive, in the order they are built (the storage question first, ablations last)."""
+    """Every archive, in the order they are built: the headline IPC first, ablations last."""
     inv = dict(ti_steps=plan.ti_steps, ti_batch=plan.ti_batch)
-    a = plan.ablation_ipc
-    d3m = sorted([ArchiveSpec("d3m", k, **inv) for k in plan.archive_ipcs], key=lambda s: -s.ipc)
-    specs = d3m[:2] + [ArchiveSpec("word", k, ti_steps=0) for k in sorted(plan.word_ipcs, reverse=True)] + d3m[2:]
+    a, head = plan.ablation_ipc, plan.cross_ipc
+    specs = [ArchiveSpec("d3m", head, **inv), ArchiveSpec("word", head, ti_steps=0)]
+    specs += [ArchiveSpec("d3m", k, **inv) for k in sorted(plan.archive_ipcs, reverse=True)]
+    specs += [ArchiveSpec("word", k, ti_steps=0) for k in sorted(plan.word_ipcs, reverse=True)]
     specs += [ArchiveSpec("d3m", a, **inv), ArchiveSpec("grid1", a, grid=1, **inv),
               ArchiveSpec("single", 4 * a, grid=1, **inv), ArchiveSpec("grid3", a, grid=3, resolution=96, **inv)]
     return list(dict.fromkeys(specs))
@@ -162,7 +163,7 @@ def collect_rows(pairs: list[tuple[Entry, Job]], accs: list[float]) -> list[Row]
 
 
 def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int) -> list[tuple[Entry, Job]]:
-    """Build, prepare and train what the plan needs, two builds first, then runs as their data is ready."""
+    """Build, prepare and train what the plan needs: one build at a time in one worker, runs in the others."""
     cache_dir, results = out / "pixels", out / "results"
     sched = Scheduler(workers, results)
     specs, pairs = archive_specs(plan), []
@@ -179,15 +180,14 @@ def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int) -> lis
                 sched.submit(build_one, nxt, out, cache_dir, then=archive_ready(nxt))
         return then
 
-    # 1. the first two builds (each in its own worker)
-    for spec in [specs.pop(0) for _ in range(min(2, len(specs)))]:
-        sched.submit(build_one, spec, out, cache_dir, then=archive_ready(spec))
-    # 2. meanwhile, here: the real-image sets; their runs queue behind the builds (ConvNet-3 first)
+    # 1. the first build; each finished build queues its runs and the next build
+    first = specs.pop(0)
+    sched.submit(build_one, first, out, cache_dir, then=archive_ready(first))
+    # 2. meanwhile, here: the real-image sets; their runs fill the other workers (ConvNet-3 first)
     real = plan_jobs(plan, real_entries(plan, out, builder.load_teacher("mnist-cnn")), cfg, cache_dir)
     real.sort(key=lambda p: p[1].student != "convnet3")
     pairs.extend(real)
     sched.submit_jobs([job for _, job in real])
-    # 3. every later build is queued when one finishes, its runs with it
     sched.wait()
     return pairs
 

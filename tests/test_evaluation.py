@@ -135,7 +135,7 @@ def test_budget_table_takes_the_best_row_that_fits():
     lines, records = budget_table(rows, (3000, 5000, 50000))
     best = {r["budget"]: r["best"] for r in records if (r["method"], r["protocol"]) == ("d3m", "stored")}
     assert best[3000] is None and best[5000]["ipc"] == 1 and best[50000]["ipc"] == 10
-    assert lines[2].startswith("| ≤ 3,000 B | — |")
+    assert lines[2].startswith("| .d3m archive | stored | — | 60.0 ± 0.0 (IPC 1, 4,000 B) | 94.0")
 
 
 # -- students, augmentation, real sets ---------------------------------------------------------------
