@@ -30,12 +30,11 @@ OUT/benchmark.md, OUT/benchmark.json and OUT/benchmark.png (needs matplotlib).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -163,7 +162,8 @@ def collect_rows(pairs: list[tuple[Entry, Job]], accs: list[float]) -> list[Row]
 
 
 def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int) -> list[tuple[Entry, Job]]:
-    """Build, prepare and train what the plan needs: one build at a time in one worker, runs in the others."""
+    """Build, prepare and train what the plan needs: one build at a time (it goes first when a worker frees),
+    runs in the other workers: a finished archive's ConvNet-3 runs, then the real sets', then the other students."""
     cache_dir, results = out / "pixels", out / "results"
     sched = Scheduler(workers, results)
     specs, pairs = archive_specs(plan), []
@@ -172,9 +172,10 @@ def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int) -> lis
         def then(built: dict) -> None:
             entry = Entry(spec.method, spec.ipc, "archive", built["path"], built["bytes_soft"], built["bytes_hard"])
             new = plan_jobs(plan, [entry], cfg, cache_dir)
-            new.sort(key=lambda p: p[1].student != "convnet3")
             pairs.extend(new)
-            sched.submit_jobs([job for _, job in new])
+            for student_first in (True, False):  # ConvNet-3 runs of a finished archive come before everything else
+                sched.submit_jobs([j for _, j in new if (j.student == "convnet3") == student_first],
+                                  priority=1 if student_first else 3)
             if specs:  # the next build
                 nxt = specs.pop(0)
                 sched.submit(build_one, nxt, out, cache_dir, then=archive_ready(nxt))
@@ -185,9 +186,10 @@ def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int) -> lis
     sched.submit(build_one, first, out, cache_dir, then=archive_ready(first))
     # 2. meanwhile, here: the real-image sets; their runs fill the other workers (ConvNet-3 first)
     real = plan_jobs(plan, real_entries(plan, out, builder.load_teacher("mnist-cnn")), cfg, cache_dir)
-    real.sort(key=lambda p: p[1].student != "convnet3")
     pairs.extend(real)
-    sched.submit_jobs([job for _, job in real])
+    for student_first in (True, False):
+        sched.submit_jobs([j for _, j in real if (j.student == "convnet3") == student_first],
+                          priority=2 if student_first else 4)
     sched.wait()
     return pairs
 

@@ -101,52 +101,67 @@ def store_accuracy(job: Job, acc: float, results_dir: Path) -> None:
 
 
 class Scheduler:
-    """One pool of ``workers`` single-threaded processes for builds and student runs, first come first served.
+    """One pool of ``workers`` single-threaded processes for builds and student runs.
 
-    A build's follow-up runs are submitted when it finishes (``then``), so cheap
-    runs fill the workers while a long build occupies one of them.
+    Work waits in a priority queue here and enters the pool only when a worker
+    is free: a build's follow-up runs (queued by ``then`` when it finishes)
+    overtake queued runs of lower priority, so the headline rows come first.
     """
 
     def __init__(self, workers: int, results_dir: Path):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.results_dir, self.pending, self.accuracies = results_dir, {}, {}
-        self.start, self.trained = time.perf_counter(), 0
+        self.workers, self.results_dir = max(1, workers), results_dir
+        self.queue, self.running, self.accuracies = [], {}, {}
+        self.start, self.trained, self.order = time.perf_counter(), 0, 0
         examples_dir = str(Path(__file__).resolve().parent.parent)
-        self.pool = ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn"),
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=init_worker, initargs=(examples_dir,))
 
-    def submit_jobs(self, jobs: list[Job]) -> None:
-        """Queue the runs whose accuracy is not cached yet."""
+    def _push(self, priority, item, fn, args) -> None:
+        import heapq
+
+        self.order += 1
+        heapq.heappush(self.queue, (priority, self.order, item, fn, args))
+
+    def submit_jobs(self, jobs: list[Job], priority: int = 1) -> None:
+        """Queue the runs whose accuracy is not cached yet (lower ``priority`` runs first)."""
+        queued = {entry[2] for entry in self.queue} | set(self.running.values())
         for job in jobs:
             acc = cached_accuracy(job, self.results_dir)
             if acc is not None:
                 self.accuracies[job] = acc
-            elif job not in self.accuracies and job not in self.pending.values():
-                self.pending[self.pool.submit(run_job, job)] = job
+            elif job not in self.accuracies and job not in queued:
+                self._push(priority, job, run_job, (job,))
+                queued.add(job)
 
-    def submit(self, fn, *args, then=None) -> None:
-        """Queue ``fn(*args)`` in a worker; ``then(result)`` runs here when it is done."""
-        self.pending[self.pool.submit(fn, *args)] = ("task", then)
+    def submit(self, fn, *args, then=None, priority: int = 0) -> None:
+        """Queue ``fn(*args)`` for a worker; ``then(result)`` runs here when it is done."""
+        self._push(priority, ("task", then), fn, args)
 
     def wait(self) -> dict:
         """Run everything queued (and what finished tasks queue); returns {job: accuracy}."""
+        import heapq
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        while self.pending:
-            done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+        while self.queue or self.running:
+            while self.queue and len(self.running) < self.workers:
+                _, _, item, fn, args = heapq.heappop(self.queue)
+                self.running[self.pool.submit(fn, *args)] = item
+            done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
             for future in done:
-                item = self.pending.pop(future)
+                item = self.running.pop(future)
                 if isinstance(item, Job):
-                    acc = future.result()
-                    self.accuracies[item] = acc
-                    store_accuracy(item, acc, self.results_dir)
-                    self.trained += 1
-                    log.info("[run %d, %d queued, %.0fs] %s %s %s seed %d: %.4f", self.trained, len(self.pending),
-                             time.perf_counter() - self.start, Path(item.path).name, item.protocol, item.student,
-                             item.seed, acc)
+                    self._record(item, future.result())
                 elif item[1] is not None:
                     item[1](future.result())
         self.pool.shutdown()
         return self.accuracies
+
+    def _record(self, job: Job, acc: float) -> None:
+        self.accuracies[job] = acc
+        store_accuracy(job, acc, self.results_dir)
+        self.trained += 1
+        log.info("[run %d, %d queued, %.0fs] %s %s %s seed %d: %.4f", self.trained, len(self.queue),
+                 time.perf_counter() - self.start, Path(job.path).name, job.protocol, job.student, job.seed, acc)
