@@ -4,6 +4,8 @@ Usage:
     python examples/benchmark.py                  # the full run (docs/results.md, "Benchmark")
     python examples/benchmark.py --quick          # every table and plot at toy sizes (<= 10 min on two cores)
     python examples/benchmark.py --out DIR --jobs 2
+    python examples/benchmark.py --no-build       # retrain / finish the runs on the archives already built
+    python examples/benchmark.py --report-only    # the tables from what OUT holds, nothing trained
 
 Everything is trained with one recipe (examples/evaluation/protocols.py:
 AdamW lr 2e-3, wd 0.01, cosine, batch 64, KD T = 4, a fixed number of steps)
@@ -161,7 +163,7 @@ def collect_rows(pairs: list[tuple[Entry, Job]], accs: list[float]) -> list[Row]
     return rows
 
 
-def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int) -> list[tuple[Entry, Job]]:
+def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int, build: bool = True) -> list[tuple[Entry, Job]]:
     """Build, prepare and train what the plan needs: one build at a time (it goes first when a worker frees),
     runs in the other workers: a finished archive's ConvNet-3 runs, then the real sets', then the other students."""
     cache_dir, results = out / "pixels", out / "results"
@@ -181,17 +183,31 @@ def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int) -> lis
                 sched.submit(build_one, nxt, out, cache_dir, then=archive_ready(nxt))
         return then
 
-    # 1. the first build; each finished build queues its runs and the next build
-    first = specs.pop(0)
-    sched.submit(build_one, first, out, cache_dir, then=archive_ready(first))
+    # 1. the first build; each finished build queues its runs and the next build (--no-build: the built ones)
+    if build:
+        first = specs.pop(0)
+        sched.submit(build_one, first, out, cache_dir, then=archive_ready(first))
+    else:
+        for spec in [specs.pop(0) for _ in range(len(specs))]:
+            if (built := existing(spec, out)) is not None:
+                archive_ready(spec)(built)
     # 2. meanwhile, here: the real-image sets; their runs fill the other workers (ConvNet-3 first)
     real = plan_jobs(plan, real_entries(plan, out, builder.load_teacher("mnist-cnn")), cfg, cache_dir)
+    real.sort(key=lambda p: real_rank(p[0], plan.cross_ipc))
     pairs.extend(real)
     for student_first in (True, False):
         sched.submit_jobs([j for _, j in real if (j.student == "convnet3") == student_first],
                           priority=2 if student_first else 4)
     sched.wait()
     return pairs
+
+
+def real_rank(entry: Entry, head: int) -> int:
+    """Real-set runs in the order the tables need them: subsets up to the headline IPC, the full split (HLR),
+    the headline collages, then the rest."""
+    if entry.method == "random":
+        return 0 if entry.ipc <= head else 3
+    return 1 if entry.method == "full" else 2 if entry.ipc == head else 4
 
 
 def cached_pairs(plan: Plan, out: Path, cfg: TrainConfig) -> list[tuple[Entry, Job]]:
@@ -208,6 +224,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="cache and outputs [default: bench_out, or bench_out_quick]")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes, one thread each [default: 2 (or the CPU count if lower)]")
+    ap.add_argument("--no-build", action="store_true",
+                    help="train and report with the archives OUT already holds; build nothing")
     ap.add_argument("--report-only", action="store_true",
                     help="write the tables from what OUT already holds (rows with every seed), build and train nothing")
     args = ap.parse_args()
@@ -218,7 +236,8 @@ def main() -> None:
     logging.getLogger("d3m-build").setLevel(logging.WARNING)
     start = time.perf_counter()
     cfg = TrainConfig(steps=plan.steps)
-    pairs = cached_pairs(plan, out, cfg) if args.report_only else run_everything(plan, out, cfg, args.jobs)
+    pairs = cached_pairs(plan, out, cfg) if args.report_only else \
+        run_everything(plan, out, cfg, args.jobs, build=not args.no_build)
     accs = [cached_accuracy(job, out / "results") for _, job in pairs]
     rows = [r for r in collect_rows(pairs, accs) if len(r.seeds) == len(plan.seeds)]
     seconds = {"total": round(time.perf_counter() - start), "report_only": args.report_only}
