@@ -42,7 +42,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch.utils.data import TensorDataset  # noqa: E402
-from train_student import TrainConfig, batches, mnist_eval_set, train_on  # noqa: E402
+from evaluation.heldout import builtin_mnist_heldout  # noqa: E402
+from evaluation.metrics import png_bytes  # noqa: E402
+from evaluation.protocols import TrainConfig, evaluate, train_student  # noqa: E402
 
 import d3mfmt  # noqa: E402
 from d3mfmt import D3MDataset  # noqa: E402
@@ -124,10 +126,12 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 def prepare(source: str, out: Path):
     """(build source, teacher name, teacher module, train images, train labels, eval set) for ``source``."""
     if source == "mnist":
-        from benchmark import real_digits
+        from d3mfmt.mnist import to_rgb32
 
-        x, y = real_digits()
-        return MnistSource("train"), "mnist-cnn", load_teacher("mnist-cnn"), x, y, mnist_eval_set()
+        x, y = load_mnist("train")
+        heldout = builtin_mnist_heldout()
+        return (MnistSource("train"), "mnist-cnn", load_teacher("mnist-cnn"), to_rgb32(x), torch.from_numpy(y),
+                (heldout.images, heldout.labels))
     x, y = bold_digits("train")
     xt, yt = bold_digits("test")
     write_imagefolder(out / "bold-train", x, y)
@@ -175,21 +179,22 @@ def main() -> None:
     results = []
 
     def run(name: str, data, nbytes: int, extra: dict | None = None) -> None:
-        """``data``: a TensorDataset or a D3MDataset, read through a DataLoader as benchmark.py does."""
+        """``data``: (image, soft label, class) items, a TensorDataset or a D3MDataset, read through a DataLoader."""
         accs = []
         for s in args.seeds:
-            cfg = TrainConfig(steps=args.steps, loss="kd", seed=s)
-            accs.append(train_on(batches(data, cfg), eval_set, cfg, progress=False))
+            model = train_student(data, "stored", "convnet3", TrainConfig(steps=args.steps, seed=s))
+            accs.append(evaluate(model, *eval_set))
         results.append({"source": args.source, "method": name, "bytes": nbytes, "mean": float(np.mean(accs)),
                         "std": float(np.std(accs)), "accs": accs, **(extra or {})})
         logging.info("%s %s: %.2f +- %.2f", args.source, name, 100 * np.mean(accs), 100 * np.std(accs))
 
     if "real" not in args.skip:
-        from benchmark import png_bytes, random_subset
+        from evaluation.baselines import random_subset_indices
 
-        idx = random_subset(y, 10, 0)
-        run("random real + soft", TensorDataset(x[idx], teacher_probs(teacher, x[idx], 1.0, "cpu").float()),
-            png_bytes(x[idx]) + 2 * 10 * len(idx))
+        idx = torch.from_numpy(random_subset_indices(y.numpy(), 10, 0))
+        gray = (x[idx].mean(dim=1) * 255).round().to(torch.uint8).numpy()
+        run("random real + soft", TensorDataset(x[idx], teacher_probs(teacher, x[idx], 1.0, "cpu").float(), y[idx]),
+            png_bytes(gray) + 2 * 10 * len(idx))
     variants = ([] if "word" in args.skip else [("class word", InversionSettings(steps=0), f"{args.source}-word")]) + \
         ([] if "inverted" in args.skip else [(f"inverted ({tag})", inversion, f"{args.source}-{tag}")])
     for label, inv, name in variants:
