@@ -14,23 +14,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass
 
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from . import container
 from .errors import D3MError, D3MFormatError
+from .jsonfields import check_tree
 from .labels import MAX_LABEL_TABLE, LabelTable, check_rows, compress, decompress
-from .jsonfields import check_tree, loads
 from .manifest import Manifest, MemberInfo
+from .renderable import RenderLimits, check_render_cost
 from .sources import resolve_archive
+from .tensors import MAX_SAFETENSORS_HEADER, MAX_SEED, check_tensor_values, parse_tensors, tensor_specs  # noqa: F401
 
 CONTENT_HASH_DOMAIN = b"d3m-content-v1\n"
-MAX_SAFETENSORS_HEADER = 100 << 20
-MAX_SEED = (1 << 63) - 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,7 +95,7 @@ def check_archive(archive: Archive) -> None:
         if not isinstance(array, np.ndarray) or array.dtype != np.dtype(dtype) or array.shape != shape:
             got = f"{getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}"
             raise D3MFormatError(f"tensor {name!r} must be {dtype} {shape}, got {got}")
-    _check_tensor_values(archive.embeddings, archive.seeds)
+    check_tensor_values(archive.embeddings, archive.seeds)
     t = archive.labels
     if t.encoding != m.labels or t.num_classes != m.dataset.num_classes or t.rows != m.dataset.num_patches:
         raise D3MFormatError(
@@ -137,18 +135,23 @@ def save_file(archive: Archive, path: str | os.PathLike) -> None:
 # -- reading ------------------------------------------------------------------
 
 
-def load(data: bytes, *, max_label_bytes: int = MAX_LABEL_TABLE) -> Archive:
+def load(data: bytes, *, max_label_bytes: int = MAX_LABEL_TABLE, render_limits: RenderLimits | None = None) -> Archive:
     """Parse and fully validate .d3m bytes; raise D3MFormatError naming the problem.
 
     ``max_label_bytes`` caps the decoded label table (SPEC.md "Limits"); raise
     it, up to the format's 2 GiB, to read a genuinely huge trusted archive.
+    ``render_limits`` bounds what rendering may cost (SPEC.md "Render cost");
+    None applies the defaults (a built-in model's own); pass e.g.
+    ``RenderLimits(per_image=None, total=None)`` for a trusted, costly archive.
     """
-    return load_members(container.read_zip(data), max_label_bytes=max_label_bytes)
+    return load_members(container.read_zip(data), max_label_bytes=max_label_bytes, render_limits=render_limits)
 
 
-def load_members(members: dict[str, bytes], *, max_label_bytes: int = MAX_LABEL_TABLE) -> Archive:
-    """Validate and decode the members ``container.read_zip`` returned."""
+def load_members(members: dict[str, bytes], *, max_label_bytes: int = MAX_LABEL_TABLE,
+                 render_limits: RenderLimits | None = None) -> Archive:
+    """Validate and decode the members ``container.read_zip`` returned (keywords as ``load``)."""
     manifest = Manifest.from_json(members[container.MANIFEST])
+    check_render_cost(manifest, render_limits)
     for name in container.PAYLOAD_MEMBERS:
         check_member(manifest, name, members[name])
     tensors = parse_tensors(manifest, members[container.TENSORS])
@@ -164,16 +167,17 @@ def load_file(
     sha256: str | None = None,
     allow_unpinned: bool = False,
     max_label_bytes: int = MAX_LABEL_TABLE,
+    render_limits: RenderLimits | None = None,
 ) -> Archive:
     """Read ``path`` once (no handle stays open) and ``load`` it.
 
     ``path`` may also be an ``hf://datasets/ORG/NAME[@REV]/FILE.d3m`` id or a URL
     pinned by ``#sha256=<hex>``; :func:`d3mfmt.sources.resolve_archive` turns it
     into a local file first (offline unless ``allow_download=True``).
-    ``max_label_bytes`` caps the decoded label table (raise it for genuinely huge archives).
+    ``max_label_bytes`` and ``render_limits`` as for ``load``.
     """
     local = resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned)
-    return load(container.read_bytes(local), max_label_bytes=max_label_bytes)
+    return load(container.read_bytes(local), max_label_bytes=max_label_bytes, render_limits=render_limits)
 
 
 def check_member(manifest: Manifest, name: str, data: bytes) -> None:
@@ -186,63 +190,3 @@ def check_member(manifest: Manifest, name: str, data: bytes) -> None:
     digest = hashlib.sha256(data).hexdigest()
     if digest != info.sha256:
         raise D3MFormatError(f"{name}: sha256 {digest} does not match the manifest's {info.sha256}")
-
-
-def tensor_specs(manifest: Manifest) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (numpy dtype name, shape) that tensors.safetensors must hold."""
-    ds, emb = manifest.dataset, manifest.embeddings
-    specs = {
-        "embeddings": (emb.dtype, (ds.num_classes, emb.n_vectors, emb.dim)),
-        "seeds": ("int64", (ds.num_classes, ds.ipc)),
-    }
-    if manifest.fingerprint_size is not None:
-        f = manifest.fingerprint_size
-        specs["fingerprints"] = ("uint8", (ds.num_classes, ds.ipc, f, f))
-    return specs
-
-
-_ST_DTYPES = {"float16": "F16", "float32": "F32", "int64": "I64", "uint8": "U8"}
-
-
-def parse_tensors(manifest: Manifest, data: bytes) -> dict[str, np.ndarray]:
-    """Check the safetensors header against the manifest, then load from bytes."""
-    where = container.TENSORS
-    # 1. header: bounded length, exact tensor set, dtypes and shapes as the manifest says
-    if len(data) < 8:
-        raise D3MFormatError(f"{where}: truncated (no header length)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
-        raise D3MFormatError(f"{where}: header length {header_len} exceeds the member's {len(data) - 8} bytes")
-    try:  # duplicate keys refused: another reader could take the other one
-        header = loads(data[8 : 8 + header_len], where=f"{where}: header")
-        check_tree(header, where=f"{where}: header")
-    except D3MFormatError as exc:
-        raise D3MFormatError(f"{where}: header is not valid JSON ({exc})"[:500]) from None
-    if not isinstance(header, dict):
-        raise D3MFormatError(f"{where}: header must be a JSON object")
-    header.pop("__metadata__", None)
-    specs = tensor_specs(manifest)
-    if set(header) != set(specs):
-        raise D3MFormatError(f"{where}: holds tensors {sorted(header)}, the manifest implies {sorted(specs)}")
-    for name, (dtype, shape) in specs.items():
-        entry = header[name]
-        got = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
-        if got != (_ST_DTYPES[dtype], list(shape)):
-            raise D3MFormatError(f"{where}: tensor {name!r} is {got[0]} {got[1]}, the manifest implies {dtype} {list(shape)}")
-    # 2. payload: offsets and coverage are checked by safetensors itself
-    try:
-        tensors = safetensors.numpy.load(bytes(data))
-    except (safetensors.SafetensorError, ValueError, TypeError) as exc:
-        raise D3MFormatError(f"{where}: invalid safetensors data ({exc})") from None
-    for name, (dtype, shape) in specs.items():  # what was loaded is what the header said
-        if tensors[name].dtype != np.dtype(dtype) or tensors[name].shape != shape:
-            raise D3MFormatError(f"{where}: tensor {name!r} loaded as {tensors[name].dtype} {tensors[name].shape}")
-    _check_tensor_values(tensors["embeddings"], tensors["seeds"])
-    return tensors
-
-
-def _check_tensor_values(embeddings: np.ndarray, seeds: np.ndarray) -> None:
-    if not np.all(np.isfinite(embeddings)):
-        raise D3MFormatError(f"{container.TENSORS}: embeddings contain NaN or Inf")
-    if seeds.size and int(seeds.min()) < 0:
-        raise D3MFormatError(f"{container.TENSORS}: seeds must be in 0..{MAX_SEED}, got {int(seeds.min())}")
