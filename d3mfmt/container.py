@@ -180,11 +180,12 @@ def _check_entry(name: str, e: dict) -> None:
         kind = "a symlink" if stat.S_ISLNK(mode) else "a regular file" if stat.S_ISREG(mode) else "not a regular file"
         raise D3MFormatError(f"ZIP container: member {name!r} has external attributes {e['external']:#010x} "
                              f"(mode {mode:#o}, {kind}); SPEC requires {EXTERNAL_ATTR:#010x}, a regular file 0o100644")
-    fixed = {"made_by": MADE_BY, "needed": VERSION_NEEDED, "time": DOS_TIME, "date": DOS_DATE, "internal": INTERNAL_ATTR}
-    for key, want in fixed.items():
+    fixed = {"made_by": ("version made by", MADE_BY), "needed": ("version needed", VERSION_NEEDED),
+             "time": ("DOS time", DOS_TIME), "date": ("DOS date", DOS_DATE), "internal": ("internal attributes", INTERNAL_ATTR)}
+    for key, (what, want) in fixed.items():
         if e[key] != want:
-            raise D3MFormatError(f"ZIP container: member {name!r} has {key.replace('_', ' ')} {e[key]:#x}, "
-                                 f"SPEC requires {want:#x} (the fixed header fields of format 1.x)")
+            raise D3MFormatError(f"ZIP container: member {name!r} has {what} {e[key]:#x}, SPEC requires {want:#x} "
+                                 "(a header field format 1.x fixes)")
 
 
 def _local_member(data: memoryview, name: str, e: dict, limit: int) -> tuple[memoryview, int]:

@@ -37,6 +37,8 @@ def loads(raw: bytes, where: str = "manifest.json"):
             parse_int=_double_range_int,
             object_pairs_hook=_unique_keys,
         )
+    except _Refused as exc:  # valid JSON that this format refuses: say what, not "invalid"
+        raise D3MFormatError(f"{where}: {exc}"[:500]) from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError, TypeError) as exc:
         raise D3MFormatError(f"{where}: not valid UTF-8 JSON ({exc})"[:500]) from None
     return doc
@@ -116,6 +118,10 @@ def _check_text(value: str, path: str, where: str) -> None:
         )
 
 
+class _Refused(ValueError):
+    """A number or key the format refuses in otherwise valid JSON."""
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed")
 
@@ -123,7 +129,7 @@ def _reject_constant(name: str):
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range (not a finite double)")
+        raise _Refused(f"number {text[:40]} is out of range (not a finite double)")
     return value
 
 
@@ -131,7 +137,8 @@ def _double_range_int(text: str) -> int:
     digits = len(text) - text.startswith("-")
     value = int(text) if digits <= MAX_INT_DIGITS else None  # int() of a 4,300-digit string alone takes time
     if value is None or not -MAX_JSON_INT <= value <= MAX_JSON_INT:
-        raise ValueError(f"integer of {digits} digits is out of range (not a finite double)")
+        raise _Refused(f"an integer of {digits} digits is out of range (not a finite double: at most "
+                       f"{sys.float_info.max:.4g} in magnitude)")
     return value
 
 
@@ -145,7 +152,7 @@ def _unique_keys(pairs: list) -> dict:
     if len(doc) != len(pairs):
         seen = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {dup!r}")
+        raise _Refused(f"duplicate key {dup!r} (two readers could take different values)"[:300])
     return doc
 
 

@@ -15,7 +15,7 @@ Example:
     >>> check_scheduler_config("DDIMScheduler", {"beta_schedule": "cosine"}, steps=50)
     Traceback (most recent call last):
     ...
-    d3mfmt.errors.D3MFormatError: manifest.json: generator.scheduler.config.beta_schedule must be one of ['linear', 'scaled_linear'], got 'cosine'
+    d3mfmt.errors.D3MFormatError: manifest.json: generator.scheduler.config.beta_schedule must be one of 'linear', 'scaled_linear', got 'cosine'
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 from .errors import D3MFormatError
 
 PIPELINES = ("StableDiffusionPipeline",)
-MAX_TRAIN_TIMESTEPS = 1000  # every SD-family checkpoint; with betas <= 0.02 the final alpha-bar stays >= 1e-9
+TRAIN_TIMESTEPS = 1000  # every SD-family UNet is trained on 1,000 timesteps; others feed it timesteps it never saw
 MAX_SIGMA_SCHEDULE_STEPS = 250  # Karras/exponential sigmas in the multistep solvers repeat timesteps (IndexError) near 1,000
 
 # Value rules: ("bool", ()), ("int", (lo, hi)), ("num", (lo, hi)), ("choice", values), ("null", ()),
@@ -35,14 +35,14 @@ FALSE, TRUE = ("choice", (False,)), ("choice", (True,))
 RATIO, POSITIVE = ("num", (1e-6, 1.0)), ("num", (1e-6, 1e6))
 SPACINGS = ("leading", "trailing", "linspace")
 COMMON = {
-    "num_train_timesteps": ("int", (1, MAX_TRAIN_TIMESTEPS)),
+    "num_train_timesteps": ("int", (TRAIN_TIMESTEPS, TRAIN_TIMESTEPS)),  # 10: non-finite latents from a real UNet
     "beta_start": ("num", (1e-5, 0.02)),  # and beta_start <= beta_end: the SD (0.00085..0.012) and DDPM (1e-4..0.02) ranges
     "beta_end": ("num", (1e-5, 0.02)),
     "beta_schedule": ("choice", ("linear", "scaled_linear")),  # squaredcos_cap_v2 crashes multistep solvers' sigma schedules
     "trained_betas": NULL,
     "prediction_type": ("choice", ("epsilon", "v_prediction", "sample")),
     "timestep_spacing": ("choice", SPACINGS),
-    "steps_offset": ("int", (0, MAX_TRAIN_TIMESTEPS - 1)),
+    "steps_offset": ("int", (0, TRAIN_TIMESTEPS - 1)),
 }
 THRESHOLDING = {"thresholding": BOOL, "dynamic_thresholding_ratio": RATIO, "sample_max_value": POSITIVE}
 SIGMAS = {"use_karras_sigmas": BOOL, "use_exponential_sigmas": BOOL,
@@ -182,13 +182,13 @@ def _check_value(key: str, rule: tuple, value) -> None:
         wanted = f"a number in [{allowed[0]}, {allowed[1]}]"
     elif kind == "choice":
         ok = any(type(value) is type(a) and value == a for a in allowed)
-        wanted = f"one of {[_json(a) for a in allowed]}" if len(allowed) > 1 else _json(allowed[0])
+        wanted = f"one of {', '.join(_json(a) for a in allowed)}" if len(allowed) > 1 else _json(allowed[0])
     elif kind == "null":
         ok, wanted = value is None, "null"
     else:  # "ints": step indices
-        ok = isinstance(value, list) and len(value) <= MAX_TRAIN_TIMESTEPS
-        ok = ok and all(_is_int(v) and 0 <= v < MAX_TRAIN_TIMESTEPS for v in value)
-        wanted = f"a list of at most {MAX_TRAIN_TIMESTEPS} integers in 0..{MAX_TRAIN_TIMESTEPS - 1}"
+        ok = isinstance(value, list) and len(value) <= TRAIN_TIMESTEPS
+        ok = ok and all(_is_int(v) and 0 <= v < TRAIN_TIMESTEPS for v in value)
+        wanted = f"a list of at most {TRAIN_TIMESTEPS} integers in 0..{TRAIN_TIMESTEPS - 1}"
     if not ok:
         raise _fail(key, wanted, value)
 
