@@ -51,8 +51,17 @@ class Archive:
 
     @property
     def content_hash(self) -> str:
-        """sha256 identifying the dataset content (SPEC.md "Integrity")."""
-        return content_hash(self.manifest)
+        """sha256 identifying the dataset content (SPEC.md "Integrity"): the same before ``save`` and after ``load``.
+
+        A loaded archive's manifest lists its payload members; one made in code
+        (no ``members`` yet) gets them from its arrays, as ``save`` would write them.
+        After replacing arrays of a loaded archive, drop its members
+        (``manifest.with_members({})``) so the hash follows the new arrays.
+        """
+        manifest = self.manifest
+        if any(name not in manifest.members for name in container.PAYLOAD_MEMBERS):
+            manifest = manifest.with_members(_member_infos(payload_members(self)))
+        return content_hash(manifest)
 
     def soft_label(self, c: int, i: int, j: int) -> np.ndarray:
         """Dense float32 soft label of patch ``j`` of image ``i`` of class ``c``; D3MError outside the archive."""
@@ -105,18 +114,26 @@ def check_archive(archive: Archive) -> None:
     check_rows(t, where="labels")  # the reader's per-row rules, for tables not made by encode_labels
 
 
-def save(archive: Archive) -> bytes:
-    """Serialise ``archive`` to .d3m bytes; identical inputs give identical bytes."""
-    check_archive(archive)
+def payload_members(archive: Archive) -> dict[str, bytes]:
+    """The bytes of ``tensors.safetensors`` and ``labels.zst`` for ``archive`` (deterministic)."""
     tensors = {"embeddings": archive.embeddings, "seeds": archive.seeds}
     if archive.fingerprints is not None:
         tensors["fingerprints"] = archive.fingerprints
-    payload = {
+    return {
         container.TENSORS: safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()}),
         container.LABELS: compress(archive.labels),
     }
-    members = {name: MemberInfo(size=len(b), sha256=hashlib.sha256(b).hexdigest()) for name, b in payload.items()}
-    manifest = archive.manifest.with_members(members)
+
+
+def _member_infos(payload: dict[str, bytes]) -> dict[str, MemberInfo]:
+    return {name: MemberInfo(size=len(b), sha256=hashlib.sha256(b).hexdigest()) for name, b in payload.items()}
+
+
+def save(archive: Archive) -> bytes:
+    """Serialise ``archive`` to .d3m bytes; identical inputs give identical bytes."""
+    check_archive(archive)
+    payload = payload_members(archive)
+    manifest = archive.manifest.with_members(_member_infos(payload))
     return container.write_zip(
         {
             container.MIMETYPE: container.MEDIA_TYPE,
