@@ -99,12 +99,22 @@ def limits_for(generator) -> RenderLimits:
 
 def check_render_cost(manifest, limits: RenderLimits | None = None) -> None:
     """Raise D3MFormatError if rendering ``manifest``'s archive asks more than ``limits`` (default: ``limits_for``)."""
-    gen = manifest.generator
+    check_cost(manifest.generator, manifest.dataset.num_images, limits)
+
+
+def check_cost(generator, num_images: int, limits: RenderLimits | None = None) -> None:
+    """``check_render_cost`` for a ``GeneratorInfo`` and an image count.
+
+    A renderer that has loaded its model SHOULD also call it with
+    ``RenderLimits.for_model(unet.config.sample_size)``: that bounds an archive
+    naming a copy of a small model by another path, which the reader cannot know.
+    """
+    gen = generator
     limits = limits_for(gen) if limits is None else limits
-    cost = render_cost(gen, manifest.dataset.num_images)
+    cost = render_cost(gen, num_images)
     for name, what in (("evaluations", "UNet evaluations per image"), ("latent_pixels", "latent pixels per image"),
                        ("per_image", "render cost per image (evaluations x latent pixels)"),
-                       ("total", f"render cost of all {manifest.dataset.num_images} images")):
+                       ("total", f"render cost of all {num_images} images")):
         bound, asked = getattr(limits, name), getattr(cost, name)
         if bound is not None and asked > bound:
             raise D3MFormatError(

@@ -65,7 +65,7 @@ SCHEDULER_KEYS: dict[str, dict[str, tuple]] = {
                                "timestep_type": ("choice", ("discrete", "continuous")),
                                "rescale_betas_zero_snr": FALSE, "final_sigmas_type": ("choice", ("zero", "sigma_min"))},
     "HeunDiscreteScheduler": {**COMMON, **SIGMAS, "clip_sample": BOOL, "clip_sample_range": POSITIVE},
-    "DPMSolverMultistepScheduler": {**MULTISTEP, "algorithm_type": ("choice", ("dpmsolver++", "dpmsolver")),
+    "DPMSolverMultistepScheduler": {**MULTISTEP, "algorithm_type": ("choice", ("dpmsolver++",)),  # "dpmsolver": see SPEC
                                     "solver_type": ("choice", ("midpoint", "heun")), "euler_at_final": BOOL,
                                     "use_lu_lambdas": BOOL, "final_sigmas_type": ("choice", ("zero", "sigma_min")),
                                     "variance_type": NULL,  # learned variance needs 2x output channels
@@ -82,7 +82,7 @@ SCHEDULERS = tuple(SCHEDULER_KEYS)
 MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler")
 # diffusers' defaults for the keys the cross-key rules read (absent key = this value)
 DEFAULTS = {"timestep_spacing": "linspace", "steps_offset": 0, "num_train_timesteps": 1000, "beta_start": 0.0001,
-            "beta_end": 0.02, "skip_prk_steps": False, "algorithm_type": "dpmsolver++", "final_sigmas_type": "zero",
+            "beta_end": 0.02, "skip_prk_steps": False, "final_sigmas_type": "zero",
             "lower_order_final": True, "solver_type": None}
 SCHEDULER_DEFAULTS = {"DDIMScheduler": {"timestep_spacing": "leading"}, "PNDMScheduler": {"timestep_spacing": "leading"},
                       "HeunDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012}}
@@ -128,8 +128,11 @@ def check_scheduler_config(scheduler: str, config: dict, steps: int) -> None:
     if sum(config.get(k) is True for k in SIGMA_SCHEDULES) > 1:
         raise D3MFormatError(f"{WHERE}: at most one of {list(SIGMA_SCHEDULES)} may be true")
     zero_final = setting(scheduler, config, "final_sigmas_type") == "zero"
-    if scheduler == "DPMSolverMultistepScheduler" and config.get("algorithm_type") == "dpmsolver" and zero_final:
-        raise _fail("final_sigmas_type", "'sigma_min' with algorithm_type 'dpmsolver' (diffusers refuses 'zero')", "zero")
+    sigma_schedule = any(config.get(k) is True for k in SIGMA_SCHEDULES)
+    if (scheduler == "DPMSolverMultistepScheduler" and config.get("solver_type") == "heun" and not zero_final
+            and sigma_schedule and config.get("euler_at_final") is not True):  # the last two sigmas coincide
+        raise _fail("euler_at_final", "true for solver_type 'heun' with final_sigmas_type 'sigma_min' and Karras, "
+                    "exponential or Lu sigmas (non-finite latents otherwise)", config.get("euler_at_final", False))
     if scheduler == "UniPCMultistepScheduler" and zero_final:  # both step onto sigma 0 to non-finite latents
         if setting(scheduler, config, "lower_order_final") is False:
             raise _fail("lower_order_final", "true unless final_sigmas_type is 'sigma_min'", False)

@@ -137,6 +137,11 @@ def cases(big_header_bytes: int = 100 << 20, heavy: bool = True) -> list[tuple[s
     add("num_huge_teacher_accuracy", "refused", raw_manifest(teacher, b'"accuracy":0.5', b'"accuracy":' + HUGE_INT.encode()))
     add("num_trained_betas_huge", "refused", edit(good, "generator", "scheduler", "config", "trained_betas",
                                                   [10**400] * 1000))
+    # valid numbers whose arithmetic overflows in d3m-inspect's summary (inf - inf): --json must stay strict JSON
+    overflow = {"inversion": {"0": {"val_loss_init": 1e308, "val_loss_best": -1e308},
+                              "1": {"val_loss_init": 1e-300, "val_loss_best": 1e300}}}  # -inf + inf: NaN
+    add("num_build_inversion_overflow", "valid", d3mfmt.save(
+        with_generator(replace(a, manifest=replace(a.manifest, build=overflow)), render_fingerprints=True, steps=4)))
     # the container: only the header fields SPEC fixes
     add("zip_symlink_mimetype", "refused", zip_with(good, 0, external_attr=0o120777 << 16))
     add("zip_mode_0777_manifest", "refused", zip_with(good, 1, external_attr=0o100777 << 16))
@@ -184,8 +189,8 @@ def cases(big_header_bytes: int = 100 << 20, heavy: bool = True) -> list[tuple[s
              "generator", "model", "id", str(WEIGHTS_DIR / "tiny-mnist")))
     # valid neighbours: what the rules allow must render (fingerprints rendered here, so verify is meaningful)
     valid = [
-        ("ok_dpmsolver_sigma_min", dict(scheduler="DPMSolverMultistepScheduler", steps=8,
-                                        scheduler_config={**SD_BETAS, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"})),
+        ("ok_dpmsolverpp_karras", dict(scheduler="DPMSolverMultistepScheduler", steps=8,
+                                       scheduler_config={**SD_BETAS, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"})),
         ("ok_pndm_4_steps", dict(scheduler="PNDMScheduler", steps=4, scheduler_config=SD_BETAS)),
         ("ok_unipc_leading", dict(scheduler="UniPCMultistepScheduler", steps=12,
                                           scheduler_config={**SD_BETAS, "timestep_spacing": "leading", "steps_offset": 1})),

@@ -329,3 +329,16 @@ def test_crc_is_untouched_by_the_patch_helper(archive_bytes):
     # the helper edits central-directory fields only, so each refusal above is the field's, not a CRC's
     patched = _patch_central(archive_bytes, 2, 38, "<I", EXTERNAL_ATTR)
     assert patched == archive_bytes and zlib.crc32(patched) == zlib.crc32(archive_bytes)
+
+
+def test_a_renderer_bounds_a_copied_small_model_by_its_own_size():
+    # an archive naming a copy of d3m/tiny-mnist by another path gets the SD 1.x defaults from the reader;
+    # the renderer, which knows the UNet it loaded (sample_size 8), applies that model's own limits
+    from d3mfmt.renderable import check_cost
+
+    a = make_archive()
+    gen = replace(a.manifest.generator, model=d3mfmt.ModelRef("/somewhere/else/tiny-mnist-copy"), height=512, width=512,
+                  latent_shape=(4, 128, 128), steps=1, guidance_scale=1.0)
+    check_cost(gen, 1)  # within the defaults
+    with pytest.raises(D3MFormatError, match="16,384 latent pixels per image.*limit of 256"):
+        check_cost(gen, 1, RenderLimits.for_model(8))

@@ -88,8 +88,8 @@ def refused(data: bytes, match: str) -> None:
 # -- each crash of the review, reproduced, and refused -----------------------
 
 CRASHES = {  # case -> (error diffusers raises, message of the check)
-    "sched_dpmsolver_zero_final": (ValueError, "final_sigmas_type must be 'sigma_min'"),
-    "sched_dpm_deis_zero_final": (ValueError, "algorithm_type must be one of"),
+    "sched_dpmsolver_zero_final": (ValueError, "algorithm_type must be 'dpmsolver++'"),
+    "sched_dpm_deis_zero_final": (ValueError, "algorithm_type must be 'dpmsolver++'"),
     "sched_variance_learned": (RuntimeError, "variance_type must be null"),
     "sched_lambda_min_clipped_1e6": (IndexError, "has key 'lambda_min_clipped'"),
     "sched_pndm_2_steps": (ValueError, "too few for PNDMScheduler"),
@@ -184,7 +184,7 @@ def test_the_builder_and_the_golden_vectors_write_no_private_keys():
 # -- the allowed neighbours render and verify ----------------------------------
 
 
-@pytest.mark.parametrize("name", ["ok_dpmsolver_sigma_min", "ok_pndm_4_steps", "ok_unipc_leading",
+@pytest.mark.parametrize("name", ["ok_dpmsolverpp_karras", "ok_pndm_4_steps", "ok_unipc_leading",
                                   "ok_euler_karras_smallest_beta", "ok_40px", "ok_8px"])
 def test_what_the_check_accepts_renders_and_verifies(name, corpus, tmp_path):
     expect, data = corpus[name]
