@@ -114,6 +114,109 @@ def big_header_member(data: bytes, header_bytes: int) -> bytes:
     return struct.pack("<Q", len(blob)) + blob + raw[8 + n :]
 
 
+def number_cases(a: d3mfmt.Archive, good: bytes) -> list[tuple[str, str, bytes]]:
+    """Numbers beyond the double range, anywhere; and valid extremes the summary's arithmetic overflows on."""
+    teacher = d3mfmt.save(replace(a, manifest=replace(a.manifest, teacher=d3mfmt.TeacherInfo("t", None, 0.5))))
+    overflow = {"inversion": {"0": {"val_loss_init": 1e308, "val_loss_best": -1e308},
+                              "1": {"val_loss_init": 1e-300, "val_loss_best": 1e300}}}  # -inf + inf: NaN
+    huge = HUGE_INT.encode()
+    return [
+        ("num_4300_digit_guidance", "refused", raw_manifest(good, b'"guidance_scale":2.0', b'"guidance_scale":' + huge)),
+        ("num_4300_digit_in_build", "refused", raw_manifest(good, b'"build":{', b'"build":{"x":' + huge + b",")),
+        ("num_400_digit_beta_start", "refused", raw_manifest(good, b'"beta_start":0.00085', b'"beta_start":1' + b"0" * 400)),
+        ("num_1e999_eta", "refused", raw_manifest(good, b'"eta":0.0', b'"eta":1e999')),
+        ("num_huge_temperature", "refused", raw_manifest(good, b'"temperature":1.0', b'"temperature":' + huge)),
+        ("num_huge_teacher_accuracy", "refused", raw_manifest(teacher, b'"accuracy":0.5', b'"accuracy":' + huge)),
+        ("num_trained_betas_huge", "refused", edit(good, "generator", "scheduler", "config", "trained_betas", [10**400] * 1000)),
+        # --json must stay strict JSON even where the summary's own arithmetic overflows
+        ("num_build_inversion_overflow", "valid", d3mfmt.save(
+            with_generator(replace(a, manifest=replace(a.manifest, build=overflow)), render_fingerprints=True, steps=4))),
+    ]
+
+
+def container_cases(good: bytes, big_header_bytes: int) -> list[tuple[str, str, bytes]]:
+    """ZIP header fields SPEC fixes; the safetensors header; the `members` keys."""
+    raw = members_of(good)[2][1]
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, body = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    extra = dict(header, extra={"dtype": "U8", "shape": [1], "data_offsets": [len(body), len(body) + 1]})
+    return [
+        ("zip_symlink_mimetype", "refused", zip_with(good, 0, external_attr=0o120777 << 16)),
+        ("zip_mode_0777_manifest", "refused", zip_with(good, 1, external_attr=0o100777 << 16)),
+        ("zip_made_by_msdos", "refused", zip_with(good, 2, create_system=0)),
+        ("zip_other_date", "refused", zip_with(good, 3, date_time=(2024, 1, 1, 0, 0, 0))),
+        ("zip_internal_attr", "refused", zip_with(good, 3, internal_attr=1)),
+        ("st_header_100mib_of_empty_lists", "refused",
+         with_member(good, "tensors.safetensors", big_header_member(good, big_header_bytes))),
+        ("st_metadata_not_strings", "refused",
+         with_member(good, "tensors.safetensors", tensors_member({**header, "__metadata__": {"a": []}}, body))),
+        ("st_extra_tensor", "refused", with_member(good, "tensors.safetensors", tensors_member(extra, body + b"\0"))),
+        ("members_unknown_name", "refused", edit(good, "members", "extra.bin", {"size": 0, "sha256": "0" * 64})),
+    ]
+
+
+def scheduler_cases(good: bytes) -> list[tuple[str, str, bytes]]:
+    """The scheduler configs of the review that crash, or silently change pixels, in diffusers."""
+    dpm, unipc = "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"
+    leading = {**SD_BETAS, "timestep_spacing": "leading"}
+    return [
+        ("sched_lms_needs_scipy", "refused", scheduler(good, "LMSDiscreteScheduler", SD_BETAS)),
+        ("sched_beta_sigmas_need_scipy", "refused",
+         scheduler(good, "EulerDiscreteScheduler", {**SD_BETAS, "use_beta_sigmas": True})),
+        ("sched_dpmsolver_zero_final", "refused", scheduler(good, dpm, {**SD_BETAS, "algorithm_type": "dpmsolver"})),
+        ("sched_dpm_deis_zero_final", "refused", scheduler(good, dpm, {**SD_BETAS, "algorithm_type": "deis"})),
+        ("sched_variance_learned", "refused", scheduler(good, dpm, {**SD_BETAS, "variance_type": "learned"})),
+        ("sched_lambda_min_clipped_1e6", "refused", scheduler(good, dpm, {**SD_BETAS, "lambda_min_clipped": 1e6})),
+        ("sched_dpm_leading_1000", "refused", scheduler(good, dpm, leading, 1000)),
+        ("sched_unipc_leading_1000", "refused", scheduler(good, unipc, leading, 1000)),
+        ("sched_pndm_2_steps", "refused", scheduler(good, "PNDMScheduler", SD_BETAS, 2)),
+        ("sched_unipc_shift_terminal", "refused", scheduler(good, unipc, {**SD_BETAS, "shift_terminal": 0.5})),
+        ("sched_euler_karras_beta0", "refused",
+         scheduler(good, "EulerDiscreteScheduler", {**SD_BETAS, "use_karras_sigmas": True, "beta_start": 0.0})),
+        ("sched_use_default_values", "refused",
+         scheduler(good, "DDIMScheduler", {**SD_BETAS, "_use_default_values": ["beta_start", "beta_end"]})),
+        ("sched_unipc_bh1_zero_final", "refused", scheduler(good, unipc, {**SD_BETAS, "solver_type": "bh1"})),
+    ]
+
+
+def size_and_cost_cases(good: bytes) -> list[tuple[str, str, bytes]]:
+    """Sizes the pipeline or the built-in model cannot render; render costs over the bound."""
+    one_step = lambda data: edit(data, "generator", "steps", 1)  # noqa: E731
+    big = one_step(size(good, 1024, 1024, (4, 256, 256)))
+    return [
+        ("size_36px", "refused", size(good, 36, 36, (4, 9, 9))),
+        ("size_4px", "refused", size(good, 4, 4, (4, 1, 1))),
+        ("size_4096x4px", "refused", size(good, 4096, 4, (4, 1024, 1))),
+        ("size_two_vae_factors", "refused", size(good, 32, 64, (4, 8, 8))),
+        ("size_builtin_factor_8", "refused", size(good, 32, 32, (4, 4, 4))),
+        ("size_builtin_5_channels", "refused", size(good, 32, 32, (5, 8, 8))),
+        ("cost_1024px_1_step", "refused", big),
+        ("cost_4096px", "refused", one_step(size(good, 4096, 4096, (4, 1024, 1024)))),
+        ("cost_heun_1000_steps", "refused", scheduler(good, "HeunDiscreteScheduler", SD_BETAS, 1000)),
+        ("cost_builtin_by_folder_path_1024px", "refused", edit(big, "generator", "model", "id", str(WEIGHTS_DIR / "tiny-mnist"))),
+    ]
+
+
+def valid_cases(a: d3mfmt.Archive, heavy: bool) -> list[tuple[str, str, bytes]]:
+    """What the rules allow next to each refusal; fingerprints rendered here, so verify is meaningful."""
+    dpm_karras = {**SD_BETAS, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}
+    valid = [
+        ("ok_dpmsolverpp_karras", dict(scheduler="DPMSolverMultistepScheduler", steps=8, scheduler_config=dpm_karras)),
+        ("ok_pndm_4_steps", dict(scheduler="PNDMScheduler", steps=4, scheduler_config=SD_BETAS)),
+        ("ok_unipc_leading", dict(scheduler="UniPCMultistepScheduler", steps=12,
+                                  scheduler_config={**SD_BETAS, "timestep_spacing": "leading", "steps_offset": 1})),
+        ("ok_euler_karras_smallest_beta", dict(scheduler="EulerDiscreteScheduler", steps=8,
+                                               scheduler_config={**SD_BETAS, "use_karras_sigmas": True, "beta_start": 1e-5})),
+        ("ok_40px", dict(height=40, width=40, latent_shape=(4, 10, 10), steps=8)),
+        ("ok_8px", dict(height=8, width=8, latent_shape=(4, 2, 2), steps=8)),
+        ("ok_64px_heun_at_the_cost_limit", dict(scheduler="HeunDiscreteScheduler", steps=64, height=64, width=64,
+                                                latent_shape=(4, 16, 16), scheduler_config=SD_BETAS)),
+    ]
+    out = [(name, "valid", d3mfmt.save(with_generator(a, render_fingerprints=True, **changes)))
+           for name, changes in (valid if heavy else valid[:-1])]
+    return out + [(f"ok_vector_{v}", "valid", (VECTORS / f"{v}.d3m").read_bytes()) for v in ("topk", "multivector")]
+
+
 def cases(big_header_bytes: int = 100 << 20, heavy: bool = True) -> list[tuple[str, str, bytes]]:
     """Every hostile case (and valid neighbour) for the built-in model.
 
@@ -122,90 +225,8 @@ def cases(big_header_bytes: int = 100 << 20, heavy: bool = True) -> list[tuple[s
     """
     a = base_archive()
     good = d3mfmt.save(a)
-    out = []
-
-    def add(name, expect, data):
-        out.append((name, expect, data))
-
-    # numbers beyond the double range, anywhere
-    add("num_4300_digit_guidance", "refused", raw_manifest(good, b'"guidance_scale":2.0', b'"guidance_scale":' + HUGE_INT.encode()))
-    add("num_4300_digit_in_build", "refused", raw_manifest(good, b'"build":{', b'"build":{"x":' + HUGE_INT.encode() + b","))
-    add("num_400_digit_beta_start", "refused", raw_manifest(good, b'"beta_start":0.00085', b'"beta_start":1' + b"0" * 400))
-    add("num_1e999_eta", "refused", raw_manifest(good, b'"eta":0.0', b'"eta":1e999'))
-    add("num_huge_temperature", "refused", raw_manifest(good, b'"temperature":1.0', b'"temperature":' + HUGE_INT.encode()))
-    teacher = d3mfmt.save(replace(a, manifest=replace(a.manifest, teacher=d3mfmt.TeacherInfo("t", None, 0.5))))
-    add("num_huge_teacher_accuracy", "refused", raw_manifest(teacher, b'"accuracy":0.5', b'"accuracy":' + HUGE_INT.encode()))
-    add("num_trained_betas_huge", "refused", edit(good, "generator", "scheduler", "config", "trained_betas",
-                                                  [10**400] * 1000))
-    # valid numbers whose arithmetic overflows in d3m-inspect's summary (inf - inf): --json must stay strict JSON
-    overflow = {"inversion": {"0": {"val_loss_init": 1e308, "val_loss_best": -1e308},
-                              "1": {"val_loss_init": 1e-300, "val_loss_best": 1e300}}}  # -inf + inf: NaN
-    add("num_build_inversion_overflow", "valid", d3mfmt.save(
-        with_generator(replace(a, manifest=replace(a.manifest, build=overflow)), render_fingerprints=True, steps=4)))
-    # the container: only the header fields SPEC fixes
-    add("zip_symlink_mimetype", "refused", zip_with(good, 0, external_attr=0o120777 << 16))
-    add("zip_mode_0777_manifest", "refused", zip_with(good, 1, external_attr=0o100777 << 16))
-    add("zip_made_by_msdos", "refused", zip_with(good, 2, create_system=0))
-    add("zip_other_date", "refused", zip_with(good, 3, date_time=(2024, 1, 1, 0, 0, 0)))
-    add("zip_internal_attr", "refused", zip_with(good, 3, internal_attr=1))
-    # the safetensors header: refused from its declared length, never parsed
-    add("st_header_100mib_of_empty_lists", "refused", with_member(good, "tensors.safetensors",
-                                                                   big_header_member(good, big_header_bytes)))
-    raw = members_of(good)[2][1]
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    add("st_metadata_not_strings", "refused",
-        with_member(good, "tensors.safetensors", tensors_member({**header, "__metadata__": {"a": []}}, raw[8 + n :])))
-    extra = dict(header, extra={"dtype": "U8", "shape": [1], "data_offsets": [len(raw) - 8 - n, len(raw) - 7 - n]})
-    add("st_extra_tensor", "refused", with_member(good, "tensors.safetensors", tensors_member(extra, raw[8 + n :] + b"\0")))
-    add("members_unknown_name", "refused", edit(good, "members", "extra.bin", {"size": 0, "sha256": "0" * 64}))
-    # scheduler configs that crash, or silently change pixels, in diffusers
-    add("sched_lms_needs_scipy", "refused", scheduler(good, "LMSDiscreteScheduler", SD_BETAS))
-    add("sched_beta_sigmas_need_scipy", "refused", scheduler(good, "EulerDiscreteScheduler", {**SD_BETAS, "use_beta_sigmas": True}))
-    add("sched_dpmsolver_zero_final", "refused", scheduler(good, "DPMSolverMultistepScheduler", {**SD_BETAS, "algorithm_type": "dpmsolver"}))
-    add("sched_dpm_deis_zero_final", "refused", scheduler(good, "DPMSolverMultistepScheduler", {**SD_BETAS, "algorithm_type": "deis"}))
-    add("sched_variance_learned", "refused", scheduler(good, "DPMSolverMultistepScheduler", {**SD_BETAS, "variance_type": "learned"}))
-    add("sched_lambda_min_clipped_1e6", "refused", scheduler(good, "DPMSolverMultistepScheduler", {**SD_BETAS, "lambda_min_clipped": 1e6}))
-    add("sched_dpm_leading_1000", "refused", scheduler(good, "DPMSolverMultistepScheduler", {**SD_BETAS, "timestep_spacing": "leading"}, 1000))
-    add("sched_unipc_leading_1000", "refused", scheduler(good, "UniPCMultistepScheduler", {**SD_BETAS, "timestep_spacing": "leading"}, 1000))
-    add("sched_pndm_2_steps", "refused", scheduler(good, "PNDMScheduler", SD_BETAS, 2))
-    add("sched_unipc_shift_terminal", "refused", scheduler(good, "UniPCMultistepScheduler", {**SD_BETAS, "shift_terminal": 0.5}))
-    add("sched_euler_karras_beta0", "refused", scheduler(good, "EulerDiscreteScheduler", {**SD_BETAS, "use_karras_sigmas": True, "beta_start": 0.0}))
-    add("sched_use_default_values", "refused", scheduler(good, "DDIMScheduler", {**SD_BETAS, "_use_default_values": ["beta_start", "beta_end"]}))
-    add("sched_unipc_bh1_zero_final", "refused", scheduler(good, "UniPCMultistepScheduler", {**SD_BETAS, "solver_type": "bh1"}))
-    # sizes the pipeline or the built-in model cannot render
-    add("size_36px", "refused", size(good, 36, 36, (4, 9, 9)))
-    add("size_4px", "refused", size(good, 4, 4, (4, 1, 1)))
-    add("size_4096x4px", "refused", size(good, 4096, 4, (4, 1024, 1)))
-    add("size_two_vae_factors", "refused", size(good, 32, 64, (4, 8, 8)))
-    add("size_builtin_factor_8", "refused", size(good, 32, 32, (4, 4, 4)))
-    add("size_builtin_5_channels", "refused", size(good, 32, 32, (5, 8, 8)))
-    # render cost: bounded per image and per archive
-    add("cost_1024px_1_step", "refused", edit(size(good, 1024, 1024, (4, 256, 256)), "generator", "steps", 1))
-    add("cost_4096px", "refused", edit(size(good, 4096, 4096, (4, 1024, 1024)), "generator", "steps", 1))
-    add("cost_heun_1000_steps", "refused", scheduler(good, "HeunDiscreteScheduler", SD_BETAS, 1000))
-    add("cost_builtin_by_folder_path_1024px", "refused",
-        edit(edit(size(good, 1024, 1024, (4, 256, 256)), "generator", "steps", 1),
-             "generator", "model", "id", str(WEIGHTS_DIR / "tiny-mnist")))
-    # valid neighbours: what the rules allow must render (fingerprints rendered here, so verify is meaningful)
-    valid = [
-        ("ok_dpmsolverpp_karras", dict(scheduler="DPMSolverMultistepScheduler", steps=8,
-                                       scheduler_config={**SD_BETAS, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"})),
-        ("ok_pndm_4_steps", dict(scheduler="PNDMScheduler", steps=4, scheduler_config=SD_BETAS)),
-        ("ok_unipc_leading", dict(scheduler="UniPCMultistepScheduler", steps=12,
-                                          scheduler_config={**SD_BETAS, "timestep_spacing": "leading", "steps_offset": 1})),
-        ("ok_euler_karras_smallest_beta", dict(scheduler="EulerDiscreteScheduler", steps=8,
-                                               scheduler_config={**SD_BETAS, "use_karras_sigmas": True, "beta_start": 1e-5})),
-        ("ok_40px", dict(height=40, width=40, latent_shape=(4, 10, 10), steps=8)),
-        ("ok_8px", dict(height=8, width=8, latent_shape=(4, 2, 2), steps=8)),
-        ("ok_64px_heun_at_the_cost_limit", dict(scheduler="HeunDiscreteScheduler", steps=64, height=64, width=64,
-                                                latent_shape=(4, 16, 16), scheduler_config=SD_BETAS)),
-    ]
-    for name, changes in valid if heavy else valid[:-1]:
-        add(name, "valid", d3mfmt.save(with_generator(a, render_fingerprints=True, **changes)))
-    for vector in ("topk", "multivector"):
-        add(f"ok_vector_{vector}", "valid", (VECTORS / f"{vector}.d3m").read_bytes())
-    return out
+    return (number_cases(a, good) + container_cases(good, big_header_bytes) + scheduler_cases(good)
+            + size_and_cost_cases(good) + valid_cases(a, heavy))
 
 
 def write_corpus(folder: Path, big_header_bytes: int = 100 << 20) -> list[Path]:
