@@ -11,6 +11,11 @@ import zipfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+# no .hypothesis/ example database in the working tree (tests never write there)
+_hypothesis_settings.register_profile("d3mfmt", database=None)
+_hypothesis_settings.load_profile("d3mfmt")
 
 import d3mfmt  # noqa: E402
 from d3mfmt import (  # noqa: E402
