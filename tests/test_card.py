@@ -103,7 +103,9 @@ def test_what_a_user_needs_follows_the_model_and_the_repo():
     text = card_for(local, "x.d3m", repo_id="me/x")
     assert "local folder (`/home/me/sd15`)" in text and "model=FOLDER" in text and "huggingface-cli" not in text
     assert "d3m-inspect hf://datasets/me/x/x.d3m --allow-download --verify" in text
-    assert "ships inside d3mfmt" in card_for(base)
+    builtin = replace(base, manifest=replace(base.manifest, generator=replace(
+        base.manifest.generator, model=ModelRef("d3m/tiny-mnist"))))
+    assert "ships inside d3mfmt" in card_for(builtin)
     hub = replace(base, manifest=replace(base.manifest, generator=replace(
         base.manifest.generator, model=ModelRef("org/sd", "v1; rm -rf ~", None))))
     assert re.search(r"^```bash\nhuggingface-cli download org/sd --revision 'v1; rm -rf ~'\n```$", card_for(hub), re.M)
