@@ -103,14 +103,12 @@ def test_what_a_user_needs_follows_the_model_and_the_repo():
     text = card_for(local, "x.d3m", repo_id="me/x")
     assert "local folder (`/home/me/sd15`)" in text and "model=FOLDER" in text and "huggingface-cli" not in text
     assert "d3m-inspect hf://datasets/me/x/x.d3m --allow-download --verify" in text
-    builtin = replace(base, manifest=replace(base.manifest, generator=replace(
-        base.manifest.generator, model=ModelRef("d3m/tiny-mnist"))))
+    builtin = d3mfmt.load_file(Path(__file__).parent.parent / "spec" / "vectors" / "onehot.d3m")  # d3m/tiny-mnist
     assert "ships inside d3mfmt" in card_for(builtin)
     hub = replace(base, manifest=replace(base.manifest, generator=replace(
         base.manifest.generator, model=ModelRef("org/sd", "v1; rm -rf ~", None))))
     assert re.search(r"^```bash\nhuggingface-cli download org/sd --revision 'v1; rm -rf ~'\n```$", card_for(hub), re.M)
-    no_fingerprints = make_archive(fingerprint_size=None)
-    assert "--verify" not in card_for(no_fingerprints)
+    assert builtin.fingerprints is None and "--verify" not in card_for(builtin)  # no fingerprints: nothing to verify
 
 
 def test_build_rows_and_front_matter_helpers():
