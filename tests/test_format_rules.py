@@ -342,3 +342,22 @@ def test_a_renderer_bounds_a_copied_small_model_by_its_own_size():
     check_cost(gen, 1)  # within the defaults
     with pytest.raises(D3MFormatError, match="16,384 latent pixels per image.*limit of 256"):
         check_cost(gen, 1, RenderLimits.for_model(8))
+
+
+def test_spec_schema_and_reader_list_the_same_scheduler_keys():
+    import re
+    from pathlib import Path
+
+    from d3mfmt.schedulers import SCHEDULER_KEYS
+
+    spec = Path(__file__).parent.parent / "spec"
+    schema = json.loads((spec / "manifest.schema.json").read_text())["properties"]["generator"]["properties"]["scheduler"]
+    assert schema["properties"]["class"]["enum"] == list(SCHEDULER_KEYS)
+    per_class = {rule["if"]["properties"]["class"]["const"]: rule["then"]["properties"]["config"]["propertyNames"]["enum"]
+                 for rule in schema["allOf"]}
+    assert per_class == {name: sorted(rules) for name, rules in SCHEDULER_KEYS.items()}
+    text = (spec / "SPEC.md").read_text()
+    table = text[text.index("| key | allowed | taken by |"): text.index("`lambda_min_clipped` is not allowed")]
+    listed = set(re.findall(r"^\| ([^|]+) \|", table, re.M)[1:])  # [0] is the header
+    keys_in_spec = {k for cell in listed for k in re.findall(r"`([a-z_0-9]+)`", cell)}
+    assert keys_in_spec == {k for rules in SCHEDULER_KEYS.values() for k in rules}
