@@ -13,6 +13,7 @@ Example:
 from .archive import Archive, content_hash, load, load_file, save, save_file
 from .errors import D3MError, D3MFormatError, D3MModelError
 from .labels import LabelEncoding, LabelTable, encode as encode_labels
+from .renderable import RenderLimits
 from .manifest import (
     ClassInfo,
     DatasetInfo,
@@ -45,6 +46,7 @@ __all__ = [
     "Manifest",
     "ModelRef",
     "Regenerator",
+    "RenderLimits",
     "RenderOptions",
     "SourceInfo",
     "TeacherInfo",

@@ -30,6 +30,13 @@ MEMBER_ORDER = (MIMETYPE, MANIFEST, TENSORS, LABELS)
 PAYLOAD_MEMBERS = (TENSORS, LABELS)  # the members the manifest hashes
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+# The header fields SPEC.md fixes on every member; a reader refuses any other value (an external
+# attribute of 0o120777 would make `unzip` extract a symlink, 0o100777 an executable).
+MADE_BY = (3 << 8) | 20  # "version made by": Unix (3), APPNOTE 2.0
+VERSION_NEEDED = 20
+DOS_TIME, DOS_DATE = 0, (0 << 9) | (1 << 5) | 1  # 00:00:00, 1980-01-01
+INTERNAL_ATTR = 0
+EXTERNAL_ATTR = 0o100644 << 16  # a regular file, rw-r--r--
 MAX_ARCHIVE_BYTES = (1 << 32) - 1  # no ZIP64
 # 30-byte local header + "mimetype": the media type sits at a fixed offset
 MAGIC_OFFSET = 30 + len(MIMETYPE)
@@ -45,8 +52,8 @@ def write_zip(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
             info.compress_type = zipfile.ZIP_STORED
-            info.create_system = 3  # unix
-            info.external_attr = 0o100644 << 16
+            info.create_system = MADE_BY >> 8  # unix
+            info.external_attr = EXTERNAL_ATTR
             zf.writestr(info, data)
     out = buf.getvalue()
     if len(out) > MAX_ARCHIVE_BYTES:
@@ -76,7 +83,6 @@ def read_zip(data: bytes) -> dict[str, memoryview]:
     #    and the central directory ends exactly where it begins (no ZIP64 records)
     end = len(data) - END_RECORD.size
     total, cd_offset = check_end(data[max(end, 0) :], len(data))
-    # 3. the central directory: exactly the four names, in order
     # 3. the central directory: exactly the four names, in order
     entries, pos = [], cd_offset
     for _ in range(total):
@@ -143,9 +149,9 @@ def _central_entry(data: bytes, pos: int, end: int) -> dict:
     if pos + CENTRAL_HEADER.size + name_len + extra_len + comment_len > end:
         raise D3MFormatError("ZIP container: corrupt central directory; the file may be truncated")
     start = pos + CENTRAL_HEADER.size
-    return {"needed": f[2], "flags": f[3], "method": f[4], "time": f[5], "date": f[6], "crc": f[7],
+    return {"made_by": f[1], "needed": f[2], "flags": f[3], "method": f[4], "time": f[5], "date": f[6], "crc": f[7],
             "csize": f[8], "usize": f[9], "extra": extra_len, "comment": comment_len, "disk": disk,
-            "offset": f[16], "name": data[start : start + name_len]}
+            "internal": f[14], "external": f[15], "offset": f[16], "name": data[start : start + name_len]}
 
 
 def _member_name(raw: bytes) -> str:
@@ -168,6 +174,17 @@ def _check_entry(name: str, e: dict) -> None:
         raise D3MFormatError(f"ZIP container: member {name!r} has an extra field, a comment or a disk number; none is allowed")
     if e["csize"] != e["usize"]:
         raise D3MFormatError(f"ZIP container: member {name!r} has inconsistent sizes; the file may be truncated")
+    if e["external"] != EXTERNAL_ATTR:
+        mode = e["external"] >> 16
+        kind = "a symlink" if stat.S_ISLNK(mode) else "a regular file" if stat.S_ISREG(mode) else "not a regular file"
+        raise D3MFormatError(f"ZIP container: member {name!r} has external attributes {e['external']:#010x} "
+                             f"(mode {mode:#o}, {kind}); SPEC requires {EXTERNAL_ATTR:#010x}, a regular file 0o100644")
+    fixed = {"made_by": ("version made by", MADE_BY), "needed": ("version needed", VERSION_NEEDED),
+             "time": ("DOS time", DOS_TIME), "date": ("DOS date", DOS_DATE), "internal": ("internal attributes", INTERNAL_ATTR)}
+    for key, (what, want) in fixed.items():
+        if e[key] != want:
+            raise D3MFormatError(f"ZIP container: member {name!r} has {what} {e[key]:#x}, SPEC requires {want:#x} "
+                                 "(a header field format 1.x fixes)")
 
 
 def _local_member(data: memoryview, name: str, e: dict, limit: int) -> tuple[memoryview, int]:

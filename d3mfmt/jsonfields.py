@@ -1,9 +1,10 @@
 """Strict JSON for the manifest: one parse, then typed field access with the path in every error.
 
 ``loads`` refuses what two JSON readers could read differently or what cannot
-be written back: NaN/Infinity literals, numbers that overflow to infinity
-(``1e999``), duplicate keys, unpaired surrogates (``"\\ud800"``) and nesting
-deeper than ``MAX_DEPTH``. ``check_tree`` applies the same rules to a document
+be written back: NaN/Infinity literals, numbers outside the range of an IEEE
+double (``1e999``, which some parsers turn into infinity, or an integer of 400
+digits, which others cannot hold and Python cannot turn into a float), duplicate
+keys, unpaired surrogates (``"\\ud800"``) and nesting deeper than ``MAX_DEPTH``. ``check_tree`` applies the same rules to a document
 about to be written, so the writer never emits what the reader refuses.
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 from .errors import D3MFormatError
 
 MAX_TEXT = 4096  # characters in a free-text field
 MAX_DEPTH = 32  # nesting of objects and arrays, counting the top level
+MAX_JSON_INT = int(sys.float_info.max)  # integers must fit an IEEE double: |n| <= 1.797...e308
+MAX_INT_DIGITS = len(str(MAX_JSON_INT))  # 309: longer digit strings are refused before int() runs
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -30,8 +34,11 @@ def loads(raw: bytes, where: str = "manifest.json"):
             str(raw, "utf-8"),  # bytes or a memoryview
             parse_constant=_reject_constant,
             parse_float=_finite_float,
+            parse_int=_double_range_int,
             object_pairs_hook=_unique_keys,
         )
+    except _Refused as exc:  # valid JSON that this format refuses: say what, not "invalid"
+        raise D3MFormatError(f"{where}: {exc}"[:500]) from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError, TypeError) as exc:
         raise D3MFormatError(f"{where}: not valid UTF-8 JSON ({exc})"[:500]) from None
     return doc
@@ -55,24 +62,38 @@ def _walk(node, path: list, where: str) -> None:
     elif isinstance(node, dict):
         for key, value in node.items():
             if not isinstance(key, str):
-                raise D3MFormatError(f"{where}: {_path(path)} has a non-string key {key!r}"[:500])
+                raise D3MFormatError(f"{where}: {_path(path)} has a non-string key {show(key)}"[:500])
             path.append(key)
             if _SURROGATE.search(key):
                 _check_text(key, _path(path), where)
-            if isinstance(value, (dict, list, tuple, str, float)) or value is not None and not isinstance(value, int):
+            if not _plain(value):
                 _walk(value, path, where)
             path.pop()
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
-            if isinstance(value, (dict, list, tuple, str, float)) or value is not None and not isinstance(value, int):
+            if not _plain(value):
                 path.append(i)
                 _walk(value, path, where)
                 path.pop()
     elif isinstance(node, float):
         if not math.isfinite(node):
             raise D3MFormatError(f"{where}: {_path(path)} must be a finite number, got {node!r}")
-    elif not (node is None or isinstance(node, int)):  # bool is an int
+    elif isinstance(node, int):  # bool is an int
+        if not -MAX_JSON_INT <= node <= MAX_JSON_INT:
+            raise D3MFormatError(f"{where}: {_path(path)} is an integer outside the range of an IEEE double "
+                                 f"({_digits(node)} digits)")
+    elif node is not None:
         raise D3MFormatError(f"{where}: {_path(path)} holds a {type(node).__name__}, which JSON cannot store")
+
+
+def _plain(value) -> bool:
+    """A value that needs no further look (the fast path for manifests of millions of numbers)."""
+    kind = type(value)
+    if kind is int:
+        return -MAX_JSON_INT <= value <= MAX_JSON_INT
+    if kind is float:
+        return value - value == 0.0  # finite: inf - inf and nan - nan are nan
+    return value is None or kind is bool
 
 
 def _path(parts: list) -> str:
@@ -97,6 +118,10 @@ def _check_text(value: str, path: str, where: str) -> None:
         )
 
 
+class _Refused(ValueError):
+    """A number or key the format refuses in otherwise valid JSON."""
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed")
 
@@ -104,8 +129,22 @@ def _reject_constant(name: str):
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range (not a finite double)")
+        raise _Refused(f"number {text[:40]} is out of range (not a finite double)")
     return value
+
+
+def _double_range_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    value = int(text) if digits <= MAX_INT_DIGITS else None  # int() of a 4,300-digit string alone takes time
+    if value is None or not -MAX_JSON_INT <= value <= MAX_JSON_INT:
+        raise _Refused(f"an integer of {digits} digits is out of range (not a finite double: at most "
+                       f"{sys.float_info.max:.4g} in magnitude)")
+    return value
+
+
+def _digits(value: int) -> int:
+    """Decimal digits of ``value`` without building its string (which Python refuses past 4,300 digits)."""
+    return max(1, math.floor(abs(value).bit_length() * math.log10(2)) + 1)
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -113,8 +152,36 @@ def _unique_keys(pairs: list) -> dict:
     if len(doc) != len(pairs):
         seen = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {dup!r}")
+        raise _Refused(f"duplicate key {dup!r} (two readers could take different values)"[:300])
     return doc
+
+
+def is_number(value) -> bool:
+    """A JSON number this format accepts: an int (not a bool) or a finite float, within the double range."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -MAX_JSON_INT <= value <= MAX_JSON_INT
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def canonical_float(value):
+    """``value`` as the float a reload gives for a float field: ints (not bools) become floats.
+
+    Anything else (None, a bool, a string, an int beyond the double range) is returned
+    unchanged, for the field check to refuse with its own message.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and -MAX_JSON_INT <= value <= MAX_JSON_INT:
+        return float(value)
+    return value
+
+
+def show(value, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters, also for integers too long for ``repr``."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_JSON_INT:
+        return f"an integer of {_digits(value)} digits"
+    text = repr(value) if not isinstance(value, (list, dict, tuple)) or len(value) < 1000 else f"<{type(value).__name__} of {len(value)}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Fields:
@@ -139,7 +206,7 @@ class Fields:
         return value
 
     def _fail(self, key: str, wanted: str, value) -> D3MFormatError:
-        return D3MFormatError(f"manifest.json: {self._path(key)} must be {wanted}, got {value!r}"[:500])
+        return D3MFormatError(f"manifest.json: {self._path(key)} must be {wanted}, got {show(value)}"[:500])
 
     def str(self, key: str, *, optional: bool = False, min_len: int = 1, max_len: int = MAX_TEXT):
         value = self._get(key, optional)
@@ -167,7 +234,7 @@ class Fields:
         value = self._get(key, optional)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and lo <= value <= hi):
+        if not is_number(value) or not lo <= value <= hi:
             raise self._fail(key, f"a number in [{lo}, {hi}]", value)
         return float(value)
 

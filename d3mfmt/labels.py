@@ -21,6 +21,7 @@ import numpy as np
 import zstandard
 
 from .errors import D3MFormatError
+from .jsonfields import canonical_float
 
 # Value codecs: name -> (stored dtype, allowed in which encodings).
 VALUE_CODECS = {
@@ -58,6 +59,10 @@ class LabelEncoding:
     k: int | None = 5
     values: str | None = "u8sqrt"
     temperature: float = 1.0
+
+    def __post_init__(self):
+        # canonical at construction: temperature=1 in code is the 1.0 a reload gives (same bytes, same hash)
+        object.__setattr__(self, "temperature", canonical_float(self.temperature))
 
     def check(self, num_classes: int) -> None:
         """Raise D3MFormatError unless this encoding is valid for ``num_classes``."""

@@ -12,9 +12,11 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
+from .container import PAYLOAD_MEMBERS
 from .errors import D3MFormatError
-from .jsonfields import Fields, check_text, check_tree, loads
+from .jsonfields import Fields, canonical_float, check_text, check_tree, loads
 from .labels import LabelEncoding
+from .renderable import check_geometry
 from .schedulers import PIPELINES, check_scheduler_config
 
 FORMAT_NAME = "d3m"
@@ -31,6 +33,7 @@ MAX_IMAGE_SIDE = 4096
 MAX_STEPS = 1000
 MAX_ROWS = 1 << 28  # label rows = classes * ipc * grid**2
 MAX_FINGERPRINT_SIDE = 16
+MAX_JSON_CONTAINERS = 1_000_000  # objects + arrays: 64+ bytes each once parsed (100,000 classes need 300,000)
 
 EMBEDDING_DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -117,6 +120,11 @@ class GeneratorInfo:
     pipeline: str = "StableDiffusionPipeline"
     rng: str = RNG_RULE
 
+    def __post_init__(self):
+        # canonical at construction: guidance_scale=1 given in code is the 1.0 a reload gives (same bytes, same hash)
+        for name in ("guidance_scale", "eta"):
+            object.__setattr__(self, name, canonical_float(getattr(self, name)))
+
 
 @dataclass(frozen=True)
 class EmbeddingInfo:
@@ -130,6 +138,9 @@ class TeacherInfo:
     name: str
     identity: str | None = None
     accuracy: float | None = None  # on real held-out data, in [0, 1]
+
+    def __post_init__(self):
+        object.__setattr__(self, "accuracy", canonical_float(self.accuracy))
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,7 @@ class Manifest:
             )
         if len({c.id for c in ds.classes}) != ds.num_classes:
             raise D3MFormatError("manifest.json: dataset.classes ids must be unique")
+        check_geometry(gen, self.embeddings.dim)
         self.labels.check(ds.num_classes)
 
     # -- JSON ---------------------------------------------------------------
@@ -218,6 +230,11 @@ class Manifest:
     def from_json(cls, raw: bytes) -> "Manifest":
         if len(raw) > MAX_MANIFEST_BYTES:
             raise D3MFormatError(f"manifest.json: {len(raw)} bytes exceeds the limit of {MAX_MANIFEST_BYTES}")
+        raw = bytes(raw)
+        containers = raw.count(b"{") + raw.count(b"[")  # an upper bound (brackets inside strings count too)
+        if containers > MAX_JSON_CONTAINERS:
+            raise D3MFormatError(f"manifest.json: holds up to {containers:,} objects and arrays, over the limit of "
+                                 f"{MAX_JSON_CONTAINERS:,} (each costs memory once parsed)")
         return cls.from_dict(loads(raw))
 
     @classmethod
@@ -262,7 +279,12 @@ class Manifest:
         )
         fp = r.obj("fingerprints", optional=True)
         members = {}
-        for name, m in r.obj("members").items():
+        listed = r.obj("members")
+        unknown = sorted(set(listed.doc) - set(PAYLOAD_MEMBERS))
+        if unknown:  # no container member has that name: another reader might hash it, or trust it
+            raise D3MFormatError(f"manifest.json: members may hold only {list(PAYLOAD_MEMBERS)}, got {unknown[:4]} "
+                                 "as well (the member set is fixed by the major version)"[:500])
+        for name, m in listed.items():
             sha = m.str("sha256")
             if not _SHA256.match(sha):
                 raise D3MFormatError(f"manifest.json: members.{name}.sha256 must be 64 lowercase hex digits, got {sha!r}")

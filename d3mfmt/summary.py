@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from . import container
 from .agreement import low_agreement
-from .archive import Archive, check_member, parse_tensors
+from .archive import Archive, check_member
 from .errors import D3MFormatError
-from .labels import decompress
+from .labels import MAX_LABEL_TABLE, decompress
 from .manifest import Manifest
+from .renderable import RenderLimits, check_render_cost
+from .tensors import parse_tensors
 from .terminal import printable
 
 
@@ -171,8 +173,8 @@ def render_text(s: dict, max_names: int = 6) -> str:
     return "\n".join(printable(line) for line in lines)
 
 
-def check(data: bytes) -> list[str]:
-    """Every problem found in archive bytes, one message each; [] when valid."""
+def check(data: bytes, *, max_label_bytes: int = MAX_LABEL_TABLE, render_limits: RenderLimits | None = None) -> list[str]:
+    """Every problem found in archive bytes, one message each; [] when valid (keywords as ``d3mfmt.load``)."""
     try:
         members = container.read_zip(data)
         manifest = Manifest.from_json(members[container.MANIFEST])
@@ -186,8 +188,10 @@ def check(data: bytes) -> list[str]:
             problems.append(str(exc))
     ds = manifest.dataset
     for stage in (
+        lambda: check_render_cost(manifest, render_limits),
         lambda: parse_tensors(manifest, members[container.TENSORS]),
-        lambda: decompress(members[container.LABELS], manifest.labels, ds.num_patches, ds.num_classes),
+        lambda: decompress(members[container.LABELS], manifest.labels, ds.num_patches, ds.num_classes,
+                           max_bytes=max_label_bytes),
     ):
         try:
             stage()

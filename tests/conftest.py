@@ -18,6 +18,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+# no .hypothesis/ example database in the working tree (tests never write there)
+_hypothesis_settings.register_profile("d3mfmt", database=None)
+_hypothesis_settings.load_profile("d3mfmt")
 
 import d3mfmt  # noqa: E402
 from d3mfmt import (  # noqa: E402
@@ -54,7 +59,7 @@ def make_archive(
     manifest = Manifest(
         dataset=DatasetInfo("test", tuple(ClassInfo(f"c{i}", f"class {i}") for i in range(num_classes)), ipc, grid),
         generator=GeneratorInfo(
-            model=ModelRef("d3m/tiny-mnist"),
+            model=ModelRef("test/no-such-model"),  # a name only: format tests never render it
             scheduler="DDIMScheduler",
             scheduler_config={"num_train_timesteps": 1000},
             steps=4,
@@ -89,6 +94,7 @@ def zip_members(entries, compress_type=zipfile.ZIP_STORED) -> bytes:
         for name, data in entries:
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = compress_type if name != "mimetype" else zipfile.ZIP_STORED
+            info.create_system, info.external_attr = 3, 0o100644 << 16  # the header fields SPEC fixes
             zf.writestr(info, data)
     return buf.getvalue()
 

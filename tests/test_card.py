@@ -103,12 +103,13 @@ def test_what_a_user_needs_follows_the_model_and_the_repo():
     assert "local folder (`/home/me/sd15`)" in text and "model=FOLDER" in text and "huggingface-cli" not in text
     assert "d3m-inspect verify hf://datasets/me/x/x.d3m --allow-download" in text
     assert "render=RenderOptions(model=FOLDER)" in text
-    assert "ships inside d3mfmt" in card_for(base)
+    builtin = d3mfmt.load_file(Path(__file__).parent.parent / "spec" / "vectors" / "onehot.d3m")  # d3m/tiny-mnist
+    assert "ships inside d3mfmt" in card_for(builtin)
     hub = replace(base, manifest=replace(base.manifest, generator=replace(
         base.manifest.generator, model=ModelRef("org/sd", "v1; rm -rf ~", None))))
     assert re.search(r"^```bash\nhuggingface-cli download org/sd --revision 'v1; rm -rf ~'\n```$", card_for(hub), re.M)
-    no_fingerprints = make_archive(fingerprint_size=None)
-    assert "d3m-inspect verify" in card_for(base) and "d3m-inspect verify" not in card_for(no_fingerprints)
+    assert "d3m-inspect verify" in card_for(base)
+    assert builtin.fingerprints is None and "d3m-inspect verify" not in card_for(builtin)  # no fingerprints: nothing to verify
 
 
 def test_build_rows_and_front_matter_helpers():

@@ -37,7 +37,7 @@ def test_member_order_media_type_at_fixed_offset_all_stored(archive_bytes):
 def test_scheduler_config_key_order_does_not_change_bytes():
     a = make_archive()
     cfg = a.manifest.generator.scheduler_config
-    reordered = dict(reversed(list({**cfg, "beta_start": 0.1, "clip_sample": False}.items())))
+    reordered = dict(reversed(list({**cfg, "beta_start": 0.001, "clip_sample": False}.items())))
     b = make_archive()
     from dataclasses import replace
 
@@ -45,7 +45,7 @@ def test_scheduler_config_key_order_does_not_change_bytes():
         gen = replace(arch.manifest.generator, scheduler_config=c)
         return replace(arch, manifest=replace(arch.manifest, generator=gen))
 
-    x = d3mfmt.save(with_cfg(a, {**cfg, "beta_start": 0.1, "clip_sample": False}))
+    x = d3mfmt.save(with_cfg(a, {**cfg, "beta_start": 0.001, "clip_sample": False}))
     y = d3mfmt.save(with_cfg(b, reordered))
     assert x == y
 
@@ -132,8 +132,18 @@ def test_writer_refuses_what_the_reader_would_reject():
             d3mfmt.save(replace(a, manifest=manifest))
 
 
-def test_content_hash_ignores_unknown_member_keys(archive_bytes):
+def test_unknown_member_names_are_refused_and_unknown_entry_keys_ignored(archive_bytes):
+    # SPEC "Manifest fields": `members` holds only the two payload members (no other member exists in a 1.x
+    # container, so another name could only make two readers hash different things); keys inside an entry
+    # are ignored like any unknown key (a minor version may add, say, another digest)
     from conftest import with_manifest
 
     extra = with_manifest(archive_bytes, lambda d: d["members"].__setitem__("future.bin", {"size": 1, "sha256": "0" * 64}))
-    assert d3mfmt.load(extra).content_hash == d3mfmt.load(archive_bytes).content_hash
+    with pytest.raises(d3mfmt.D3MFormatError, match=r"members may hold only .*'future.bin'"):
+        d3mfmt.load(extra)
+    for name in ("mimetype", "manifest.json"):
+        listed = with_manifest(archive_bytes, lambda d: d["members"].__setitem__(name, {"size": 1, "sha256": "0" * 64}))
+        with pytest.raises(d3mfmt.D3MFormatError, match="members may hold only"):
+            d3mfmt.load(listed)
+    digest = with_manifest(archive_bytes, lambda d: d["members"]["labels.zst"].__setitem__("blake3", "x"))
+    assert d3mfmt.load(digest).content_hash == d3mfmt.load(archive_bytes).content_hash

@@ -14,6 +14,7 @@ import d3mfmt
 from d3mfmt import D3MModelError, modelpin
 from d3mfmt.modelpin import model_files, model_identity
 from d3mfmt.models import resolve_model
+from d3mfmt.schedulers import SCHEDULER_KEYS
 
 import real_configs as rc
 
@@ -45,7 +46,8 @@ def generator_for(folder, model_id=None, variant=None, steps=2):
     return d3mfmt.GeneratorInfo(
         model=d3mfmt.ModelRef(model_id or str(folder), None, files.identity(), files.variant),
         scheduler=scheduler["_class_name"],
-        scheduler_config={k: v for k, v in scheduler.items() if not k.startswith("_")},
+        # what a writer stores: the keys the format takes for this scheduler (PNDM ignores SD 1.5's clip_sample)
+        scheduler_config={k: v for k, v in scheduler.items() if k in SCHEDULER_KEYS[scheduler["_class_name"]]},
         steps=steps, guidance_scale=1.0, height=pixels, width=pixels,
         latent_shape=(4, pixels // 8, pixels // 8), prompt_template="a photo of {token}",
     )
