@@ -186,7 +186,7 @@ class D3MDataset(torch.utils.data.Dataset):
                 image_idx = k
                 x = images[image_idx]
                 label = torch.from_numpy(self.archive.labels.dense(slice(k * g2, (k + 1) * g2)))
-            x = x.float().div_(255.0)  # the rendered float32 values exactly: k/255
+            x = _unit_float(x)
             if self.transform is not None:
                 x = self.transform(x)
             if self.target_transform is not None:
@@ -212,11 +212,12 @@ class D3MDataset(torch.utils.data.Dataset):
 
     def render_images(self, image_indices) -> dict[int, torch.Tensor]:
         """image index (``c * ipc + i``) -> float32 ``[3, H, W]`` in 8-bit levels, rendering what is not cached."""
-        return {idx: x.float().div_(255.0) for idx, x in self._pixels_of(image_indices).items()}
+        return {idx: _unit_float(x) for idx, x in self._pixels_of(image_indices).items()}
 
     def _pixels_of(self, image_indices) -> dict[int, torch.Tensor]:
         """image index -> uint8 ``[3, H, W]``: from memory, else the pixel cache, else rendered (and cached)."""
         out, missing = {}, []
+        self._trim_memory()  # memory_cache_bytes may have been lowered since the last insert
         for idx in sorted(image_indices):
             x = self._memory.get(idx)
             if x is None:
@@ -310,10 +311,13 @@ class D3MDataset(torch.utils.data.Dataset):
             return x
         self._memory[idx] = x
         self._memory_used += x.numel()
+        self._trim_memory()
+        return x
+
+    def _trim_memory(self) -> None:
         while self._memory and self._memory_used > self.memory_cache_bytes:
             _, old = self._memory.popitem(last=False)
             self._memory_used -= old.numel()
-        return x
 
 
 def _patch(image: torch.Tensor, grid: int, j: int) -> torch.Tensor:
@@ -322,3 +326,8 @@ def _patch(image: torch.Tensor, grid: int, j: int) -> torch.Tensor:
     row, col = divmod(j, grid)
     ph, pw = h // grid, w // grid
     return image[:, row * ph : (row + 1) * ph, col * pw : (col + 1) * pw]
+
+
+def _unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 ``k / 255`` in one kernel: bit-identical to what the renderer returned (SPEC step 7)."""
+    return torch.div(pixels, 255.0)

@@ -266,3 +266,11 @@ def test_materialize_verifies_every_cached_file_once(ds, monkeypatch):
     items = [fresh[k] for k in range(len(fresh))]
     assert len(calls) == hashed and counter.count == 1  # a whole epoch from the files: no hashing, no rendering
     assert all(torch.equal(x, ds[k][0]) for k, (x, _, _) in enumerate(items))
+
+
+def test_rendered_and_cached_pixels_are_the_renderers_values_exactly(ds):
+    direct = ds.regenerator.render(1, [int(ds.archive.seeds[1, 2])])[0]  # float32 on the 8-bit grid
+    assert torch.equal(ds.render_images([6])[6], direct)  # rendered now, through the uint8 LRU
+    fresh = _fresh(ds)
+    assert torch.equal(fresh.render_images([6])[6], direct)  # read from the cache file
+    assert torch.equal(fresh[6 * 4 + 3][0], direct[:, 16:, 16:])
