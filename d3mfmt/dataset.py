@@ -68,8 +68,9 @@ class D3MDataset(torch.utils.data.Dataset):
             or ``~/.cache/d3mfmt``, subfolder ``images``); this archive's images
             go to its keyed subfolder :attr:`image_cache_dir`.
         render: model, device, dtype and switches (:class:`d3mfmt.RenderOptions`;
-            default CUDA+fp16 when available, else CPU+fp32). Its ``allow_download``
-            also lets a hub or URL archive be fetched.
+            default CUDA+fp16 when available, on ``cuda:LOCAL_RANK`` under torchrun or
+            accelerate, else CPU+fp32). Its ``allow_download`` also lets a hub or URL
+            archive be fetched.
         render_batch: images per generation call; a call mixes classes to fill it.
         sha256: expected sha256 of the archive file (instead of a URL fragment).
 
@@ -239,16 +240,21 @@ class D3MDataset(torch.utils.data.Dataset):
     def materialize(self, progress: bool = True, images=None, distributed: bool = True) -> "D3MDataset":
         """Render every image (or the image indices ``images``) into the cache now; returns self.
 
-        Under an initialised ``torch.distributed`` process group (and
-        ``distributed=True``), call it on every rank: the k-th wanted image
-        (image ``k`` when all are wanted) renders on rank ``k % world``, then
-        all ranks wait at a barrier, so each image is rendered once in total
-        (the pixel cache must be a folder every rank sees). A rank that then
-        still misses another rank's images renders them itself, with a
-        warning. Every cached image is verified here, so the DataLoader
-        workers forked afterwards do not hash it again. Progress is a tqdm bar
-        on stderr (rank 0's share under torch.distributed); batches of
-        ``render_batch`` span classes.
+        Every cached image is verified here, so DataLoader workers forked
+        afterwards neither hash nor render it. Batches of ``render_batch``
+        span classes.
+
+        Args:
+            progress: a tqdm bar on stderr (under torch.distributed: rank 0's share).
+            images: image indices (``c * ipc + i``) instead of all.
+            distributed: under an initialised ``torch.distributed`` process
+                group, split the work across its ranks; call it on every rank
+                then. The k-th wanted image (image ``k`` when all are wanted)
+                renders on rank ``k % world``, then all ranks wait at a barrier,
+                so each image is rendered once in total; the pixel cache must be
+                a folder every rank sees. A rank that still misses another
+                rank's images after the barrier renders them itself, with a
+                warning. ``False``: this process renders all it lacks, alone.
         """
         wanted = range(self.num_classes * self.ipc) if images is None else sorted({self._check_image(i) for i in images})
         rank, world = rank_and_world() if distributed else (0, 1)
