@@ -86,7 +86,7 @@ def cache_secret(root: Path, create: bool) -> bytes | None:
     """
     path = Path(root) / KEY_FILE
     found = _read_regular(path, KEY_BYTES)
-    if found is None and create and not os.path.lexists(path):
+    if found is None and create:
         Path(root).mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{KEY_FILE}.", suffix=".tmp", dir=root)  # mode 0600
         try:
@@ -100,7 +100,8 @@ def cache_secret(root: Path, create: bool) -> bytes | None:
                 pass
         finally:
             Path(tmp).unlink(missing_ok=True)
-        found = _read_regular(path, KEY_BYTES)
+    if found is None:
+        found = _read_regular(path, KEY_BYTES)  # ours, or one another process made meanwhile
     if found is None and not os.path.lexists(path):
         return None
     if found is None or found[1] != KEY_BYTES:
