@@ -29,12 +29,13 @@ from .sources import resolve_archive
 
 __version__ = "0.1.0"
 
-_LAZY = {"D3MDataset": "dataset", "Regenerator": "generator"}  # torch-backed: imported on first use
+_LAZY = {"D3MDataset": "dataset", "D3MDistributedSampler": "distributed", "Regenerator": "generator"}  # torch-backed: imported on first use
 
 __all__ = [
     "Archive",
     "ClassInfo",
     "D3MDataset",
+    "D3MDistributedSampler",
     "D3MError",
     "D3MFormatError",
     "D3MModelError",

@@ -174,18 +174,19 @@ def _table(header: tuple[str, ...], rows, limit: int, more: str) -> str:
     return "\n".join(lines)
 
 
-def loading_snippet(ref: str, allow_download: bool) -> str:
-    """The lines that train from the archive with D3MDataset and a DataLoader."""
+def loading_snippet(ref: str, allow_download: bool, variant: str | None = None) -> str:
+    """The lines that train from the archive with D3MDataset and a DataLoader (``variant``: noted in a comment)."""
+    note = "" if variant is None else f"  # renders with the {one_line(variant, 64)!r} weight variant the archive names"
     if not allow_download:
         return (
             "from torch.utils.data import DataLoader\n"
             "from d3mfmt import D3MDataset\n"
-            f"loader = DataLoader(D3MDataset({ref!r}), batch_size=64, shuffle=True)"
+            f"loader = DataLoader(D3MDataset({ref!r}), batch_size=64, shuffle=True){note}"
         )
     return (
         "from torch.utils.data import DataLoader\n"
         "from d3mfmt import D3MDataset, RenderOptions\n"
-        f"dataset = D3MDataset({ref!r}, render=RenderOptions(allow_download=True))\n"
+        f"dataset = D3MDataset({ref!r}, render=RenderOptions(allow_download=True)){note}\n"
         "loader = DataLoader(dataset, batch_size=64, shuffle=True)"
     )
 
@@ -195,10 +196,14 @@ def _model_needs(gen) -> str:
     if model.id.startswith(BUILTIN_NAMESPACE):
         return f"The model {md_code(model.id)} ships inside d3mfmt: there is nothing else to download."
     identity = md_code(model.identity or "not pinned")
+    variant = "" if model.variant is None else (
+        f" It renders with the {md_code(model.variant)} weight variant (the {md_code(f'*.{model.variant}.safetensors')}"
+        " files of each component), which the archive names, so `D3MDataset` loads it by itself; those files must "
+        "be there.")
     if not _REPO_ID.match(model.id):
         return (f"The model was a local folder ({md_code(model.id)}) when this archive was built: you need the same "
                 f"weights (content hash {identity}) as a diffusers folder, passed as "
-                "`D3MDataset(..., render=RenderOptions(model=FOLDER))`.")
+                f"`D3MDataset(..., render=RenderOptions(model=FOLDER))`.{variant}")
     command = ["huggingface-cli", "download", one_line(model.id)]
     if model.revision:
         command += ["--revision", one_line(model.revision)]
@@ -206,7 +211,7 @@ def _model_needs(gen) -> str:
         "The diffusion model must be in the local Hugging Face cache (models are never fetched silently):\n\n"
         + _fenced("bash", " ".join(shlex.quote(part) for part in command))
         + "\n\nor pass `render=RenderOptions(allow_download=True)` to `D3MDataset` (`--allow-download` for "
-        "`d3m-inspect`). Its files must hash to the pinned identity, which is checked before rendering; "
+        f"`d3m-inspect`).{variant} Its files must hash to the pinned identity, which is checked before rendering; "
         "`RenderOptions(allow_model_mismatch=True)` renders with other weights, and `d3m-inspect verify` "
         "measures the drift."
     )
@@ -253,7 +258,7 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
     # 2. how to load it, and what it needs locally
     parts += [
         "## Load it",
-        _fenced("python", loading_snippet(ref, allow_download=bool(repo_id))),
+        _fenced("python", loading_snippet(ref, allow_download=bool(repo_id), variant=gen.model.variant)),
         "Each item is `(patch float32 [3, h, w] in [0, 1], soft label float32 [C], class index)`; "
         "rendered images are cached on disk, so later epochs only read.",
         _model_needs(gen),
@@ -278,7 +283,8 @@ def _recipe_sections(m, lab: dict) -> list[str]:
     return [
         "## Generator",
         f"- model {md_code(model.id)}, revision {md_code(model.revision or 'none')}, "
-        f"content hash {md_code(model.identity or 'not pinned')}\n"
+        + ("" if model.variant is None else f"weight variant {md_code(model.variant)}, ")
+        + f"content hash {md_code(model.identity or 'not pinned')}\n"
         f"- {md_escape(gen.pipeline)}, {md_escape(gen.scheduler)}, {gen.steps} steps, guidance {gen.guidance_scale:g}, "
         f"{gen.height}×{gen.width} px, {gen.dtype}\n"
         f"- prompt template {md_code(gen.prompt_template)}",

@@ -149,6 +149,8 @@ def _archive_input(render: bool = False, cache: bool = False):
             click.option("--allow-model-mismatch", is_flag=True,
                          help="Render even if the model differs from the pinned one."),
             click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet (GPU throughput)."),
+            click.option("--variant", help="Weight variant to load (e.g. fp16) instead of the archive's "
+                                           "generator.model.variant."),
         ]
     if cache:
         options.append(click.option("--cache-dir", type=click.Path(file_okay=False),
@@ -162,7 +164,7 @@ def _archive_input(render: bool = False, cache: bool = False):
                 kwargs["render"] = RenderOptions(
                     model=kwargs.pop("model"), device=kwargs.pop("device"), dtype=kwargs.pop("dtype"),
                     allow_model_mismatch=kwargs.pop("allow_model_mismatch"), allow_download=allow_download,
-                    compile=kwargs.pop("compile_unet"),
+                    compile=kwargs.pop("compile_unet"), variant=kwargs.pop("variant"),
                 )
             with _reporting(path):
                 return f(source=source, **kwargs)

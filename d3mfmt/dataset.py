@@ -14,11 +14,15 @@ labels [grid**2, C], class index)``. Index ``k`` of the patch unit is the label
 row ``k`` of the archive, ``(c * ipc + i) * grid**2 + j``.
 
 Rendered images go to an on-disk cache (``d3mfmt.pixelcache``: one file per
-image, written atomically, so DataLoader workers can share it) under a key
-made of the archive's content hash and every setting that changes pixels; the
-second epoch only reads. A damaged or foreign cache file is rendered again. A
+image, written atomically, so DataLoader workers and ranks can share it) under
+a key made of the archive's content hash and every setting that changes
+pixels; the second epoch only reads. A damaged, foreign or planted cache file
+is rendered again; a file is verified once per process. Decoded images (8-bit)
+stay in a per-process LRU of at most :attr:`D3MDataset.memory_cache_bytes`. A
 cache folder that cannot be written keeps images in memory instead, with one
-warning.
+warning. On many GPUs see ``d3mfmt.distributed``: ``materialize()`` splits the
+rendering across ranks, and :class:`~d3mfmt.distributed.D3MDistributedSampler`
+keeps a rank's first epoch to its own images.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .archive import Archive, load_file
+from .distributed import barrier, rank_and_world
 from .errors import D3MError
 from .files import cache_root
 from .generator import (
@@ -41,14 +46,12 @@ from .generator import (
     default_device,
     default_dtype,
     resolve_render_settings,
-    split_patches,
 )
 from .pixelcache import PixelCache, cache_key
 from .render import RenderOptions, checked
 from .sources import resolve_archive
 
 UNITS = ("patch", "image")
-_MEMORY_IMAGES = 256  # decoded images kept per process
 
 
 class D3MDataset(torch.utils.data.Dataset):
@@ -65,11 +68,19 @@ class D3MDataset(torch.utils.data.Dataset):
             or ``~/.cache/d3mfmt``, subfolder ``images``); this archive's images
             go to its keyed subfolder :attr:`image_cache_dir`.
         render: model, device, dtype and switches (:class:`d3mfmt.RenderOptions`;
-            default CUDA+fp16 when available, else CPU+fp32). Its ``allow_download``
-            also lets a hub or URL archive be fetched.
+            default CUDA+fp16 when available, on ``cuda:LOCAL_RANK`` under torchrun or
+            accelerate, else CPU+fp32). Its ``allow_download`` also lets a hub or URL
+            archive be fetched.
         render_batch: images per generation call; a call mixes classes to fill it.
         sha256: expected sha256 of the archive file (instead of a URL fragment).
+
+    Attributes:
+        memory_cache_bytes: the bound of each process's LRU of decoded 8-bit
+            images (default 256 MiB: ~340 images at 512 px; DataLoader workers
+            have one each). Set it on an instance or the class; 0 keeps none.
     """
+
+    memory_cache_bytes = 256 * 2**20
 
     def __init__(
         self,
@@ -103,14 +114,15 @@ class D3MDataset(torch.utils.data.Dataset):
         self.classes = [c.name for c in ds.classes]
         self._regen: Regenerator | None = None
         self._pixels: PixelCache | None = None
-        self._memory: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._memory: OrderedDict[int, torch.Tensor] = OrderedDict()  # image index -> uint8 [3, H, W], LRU order
+        self._memory_used = 0  # bytes in _memory
         self._cache_writable = True  # False after a failed write: memory only, warned once
 
     # -- pickling: no pipeline, no arrays; workers reload the small archive ---
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_archive=None, _regen=None, _memory=OrderedDict())
+        state.update(_archive=None, _regen=None, _memory=OrderedDict(), _memory_used=0)
         return state
 
     @property
@@ -132,14 +144,24 @@ class D3MDataset(torch.utils.data.Dataset):
         if self._pixels is None:
             gen = self.archive.manifest.generator
             _, settings = resolve_render_settings(gen, self.render)
-            folder = self.cache_dir / cache_key(self.archive.content_hash, settings.key_parts())
-            self._pixels = PixelCache(folder, gen.height, gen.width)
+            name = cache_key(self.archive.content_hash, settings.key_parts())
+            self._pixels = PixelCache(self.cache_dir, name, gen.height, gen.width)
         return self._pixels
 
     @property
     def image_cache_dir(self) -> Path:
         """This archive's folder under :attr:`cache_dir`: content hash + every pixel-changing setting."""
         return self.pixel_cache.folder
+
+    @property
+    def images_rendered(self) -> int:
+        """Images this process rendered for this dataset so far (cache reads not counted)."""
+        return 0 if self._regen is None else self._regen.images_rendered
+
+    @property
+    def items_per_image(self) -> int:
+        """Consecutive items that come from one image: ``grid**2`` patches, or 1 with ``unit="image"``."""
+        return self.grid * self.grid if self.unit == "patch" else 1
 
     # -- the Dataset protocol -------------------------------------------------
 
@@ -154,17 +176,18 @@ class D3MDataset(torch.utils.data.Dataset):
         """A whole batch in one go: its missing images render together, ``render_batch`` per call."""
         g2 = self.grid * self.grid
         indices = [self._check_index(i) for i in indices]
-        images = self.render_images({(i // g2 if self.unit == "patch" else i) for i in indices})
+        images = self._pixels_of({k // self.items_per_image for k in indices})
         items = []
         for k in indices:
             if self.unit == "patch":
                 image_idx, j = divmod(k, g2)
-                x = split_patches(images[image_idx][None], self.grid)[0, j]
+                x = _patch(images[image_idx], self.grid, j)
                 label = torch.from_numpy(self.archive.labels.dense(slice(k, k + 1))[0])
             else:
                 image_idx = k
                 x = images[image_idx]
                 label = torch.from_numpy(self.archive.labels.dense(slice(k * g2, (k + 1) * g2)))
+            x = _unit_float(x)
             if self.transform is not None:
                 x = self.transform(x)
             if self.target_transform is not None:
@@ -189,12 +212,17 @@ class D3MDataset(torch.utils.data.Dataset):
     # -- rendering and caching ------------------------------------------------
 
     def render_images(self, image_indices) -> dict[int, torch.Tensor]:
-        """image index (``c * ipc + i``) -> float32 ``[3, H, W]``, rendering what is not cached."""
+        """image index (``c * ipc + i``) -> float32 ``[3, H, W]`` in 8-bit levels, rendering what is not cached."""
+        return {idx: _unit_float(x) for idx, x in self._pixels_of(image_indices).items()}
+
+    def _pixels_of(self, image_indices) -> dict[int, torch.Tensor]:
+        """image index -> uint8 ``[3, H, W]``: from memory, else the pixel cache, else rendered (and cached)."""
         out, missing = {}, []
+        self._trim_memory()  # memory_cache_bytes may have been lowered since the last insert
         for idx in sorted(image_indices):
-            x = self._memory.get(divmod(idx, self.ipc)) if self._memory else None
+            x = self._memory.get(idx)
             if x is None:
-                x = self._read_cached(idx)
+                x = self._cached_pixels(idx)
             if x is None:
                 missing.append(idx)
             else:
@@ -202,52 +230,110 @@ class D3MDataset(torch.utils.data.Dataset):
         for start in range(0, len(missing), self.render_batch):  # classes mixed: full batches at any IPC
             chunk = missing[start : start + self.render_batch]
             pairs = [(idx // self.ipc, int(self.archive.seeds[idx // self.ipc, idx % self.ipc])) for idx in chunk]
-            rendered = self.regenerator.render_pairs(pairs)
-            for idx, x in zip(chunk, rendered):
+            rendered = torch.round(self.regenerator.render_pairs(pairs) * 255.0).to(torch.uint8)
+            for idx, x in zip(chunk, rendered.unbind()):
+                x = x.clone()  # its own storage, so the LRU's byte count is what it holds
                 self._write_cached(idx, x)
                 out[idx] = self._remember(idx, x)
         return out
 
-    def materialize(self, progress: bool = True, images=None) -> "D3MDataset":
+    def materialize(self, progress: bool = True, images=None, distributed: bool = True) -> "D3MDataset":
         """Render every image (or the image indices ``images``) into the cache now; returns self.
 
-        Progress is a tqdm bar on stderr; batches of ``render_batch`` span classes.
-        """
-        from tqdm.auto import tqdm
+        Every cached image is verified here, so DataLoader workers forked
+        afterwards neither hash nor render it. Batches of ``render_batch``
+        span classes.
 
+        Args:
+            progress: a tqdm bar on stderr (under torch.distributed: rank 0's share).
+            images: image indices (``c * ipc + i``) instead of all.
+            distributed: under an initialised ``torch.distributed`` process
+                group, split the work across its ranks; call it on every rank
+                then. The k-th wanted image (image ``k`` when all are wanted)
+                renders on rank ``k % world``, then all ranks wait at a barrier,
+                so each image is rendered once in total; the pixel cache must be
+                a folder every rank sees. A rank that still misses another
+                rank's images after the barrier renders them itself, with a
+                warning. ``False``: this process renders all it lacks, alone.
+        """
         wanted = range(self.num_classes * self.ipc) if images is None else sorted({self._check_image(i) for i in images})
-        todo = [i for i in wanted if not self.pixel_cache.path(*divmod(i, self.ipc)).is_file()]
-        with tqdm(total=len(todo), desc="rendering", unit="img", disable=not progress or not todo) as bar:
-            for start in range(0, len(todo), self.render_batch):
-                chunk = todo[start : start + self.render_batch]
-                self.render_images(chunk)
-                bar.update(len(chunk))
+        rank, world = rank_and_world() if distributed else (0, 1)
+        # 1. this rank's share, what the cache lacks of it rendered
+        self._render_missing(wanted[rank::world], progress and rank == 0,
+                             "rendering" if world == 1 else f"rendering (rank 0 of {world})")
+        if world == 1:
+            return self
+        # 2. the other ranks' shares, once they are done
+        barrier(self.render.device)
+        others = [idx for k, idx in enumerate(wanted) if k % world != rank]
+        missing = [idx for idx in others if self._cached_pixels(idx) is None]
+        if missing:
+            warnings.warn(
+                f"rank {rank}: {len(missing)} images the other ranks rendered are not in the pixel cache "
+                f"{self.image_cache_dir} (the ranks do not share one cache folder, or a rank could not write it); "
+                "rendering them here too. Pass a cache_dir every rank can read and write (or set D3MFMT_CACHE_DIR)",
+                RuntimeWarning, stacklevel=2,
+            )
+            self._render_missing(missing, progress, f"rendering on rank {rank}")
         return self
 
-    def _read_cached(self, idx: int) -> torch.Tensor | None:
+    def _render_missing(self, indices, progress: bool, desc: str) -> None:
+        """Render (and cache) those of ``indices`` whose cache file is absent or not genuine."""
+        from tqdm.auto import tqdm
+
+        todo = [idx for idx in indices if self._cached_pixels(idx) is None]
+        with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo) as bar:
+            for start in range(0, len(todo), self.render_batch):
+                chunk = todo[start : start + self.render_batch]
+                self._pixels_of(chunk)
+                bar.update(len(chunk))
+
+    def _cached_pixels(self, idx: int) -> torch.Tensor | None:
+        """uint8 ``[3, H, W]`` from the pixel cache, or None when absent or not genuine."""
         pixels = self.pixel_cache.read(*divmod(idx, self.ipc))
-        return None if pixels is None else torch.from_numpy(pixels).float().div_(255.0)
+        return None if pixels is None else torch.from_numpy(pixels)
 
     def _write_cached(self, idx: int, x: torch.Tensor) -> None:
-        """Cache one image; on an unwritable cache, warn once and keep memory only."""
+        """Cache one uint8 image; on an unwritable cache, warn once and keep memory only."""
         if not self._cache_writable:
             return
         try:
-            self.pixel_cache.write(*divmod(idx, self.ipc), torch.round(x * 255.0).to(torch.uint8).numpy())
+            self.pixel_cache.write(*divmod(idx, self.ipc), x.numpy())
         except OSError as exc:
             self._cache_writable = False
             warnings.warn(
                 f"the pixel cache {self.image_cache_dir} cannot be written ({exc.strerror or exc}); images are "
-                f"kept in memory only (the last {_MEMORY_IMAGES}) and rendered again after that. Pass a writable "
-                "cache_dir (d3m-inspect: --cache-dir) or set D3MFMT_CACHE_DIR",
+                f"kept in memory only (up to memory_cache_bytes={self.memory_cache_bytes:,} per process) and "
+                "rendered again after that. Pass a writable cache_dir (d3m-inspect: --cache-dir) or set "
+                "D3MFMT_CACHE_DIR",
                 RuntimeWarning,
                 stacklevel=2,
             )
 
     def _remember(self, idx: int, x: torch.Tensor) -> torch.Tensor:
-        key = divmod(idx, self.ipc)
-        self._memory[key] = x
-        self._memory.move_to_end(key)
-        while len(self._memory) > _MEMORY_IMAGES:
-            self._memory.popitem(last=False)
+        """Keep ``x`` as the most recent entry of the LRU, evicting the oldest beyond ``memory_cache_bytes``."""
+        if idx in self._memory:
+            self._memory.move_to_end(idx)
+            return x
+        self._memory[idx] = x
+        self._memory_used += x.numel()
+        self._trim_memory()
         return x
+
+    def _trim_memory(self) -> None:
+        while self._memory and self._memory_used > self.memory_cache_bytes:
+            _, old = self._memory.popitem(last=False)
+            self._memory_used -= old.numel()
+
+
+def _patch(image: torch.Tensor, grid: int, j: int) -> torch.Tensor:
+    """SPEC step 8 for one patch: row-major patch ``j`` of ``[3, H, W]`` (a view, no copy of the image)."""
+    _, h, w = image.shape
+    row, col = divmod(j, grid)
+    ph, pw = h // grid, w // grid
+    return image[:, row * ph : (row + 1) * ph, col * pw : (col + 1) * pw]
+
+
+def _unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 ``k / 255`` in one kernel: bit-identical to what the renderer returned (SPEC step 7)."""
+    return torch.div(pixels, 255.0)

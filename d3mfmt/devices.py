@@ -1,12 +1,40 @@
-"""Which device renders: one check, called by every entry point before any model loads."""
+"""Which device renders: the default, and one check called by every entry point before any model loads."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .errors import D3MError
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")  # torch device types a pipeline can render on
+
+
+def default_device(env=os.environ) -> str:
+    """The rendering device when none is given: ``"cuda:LOCAL_RANK"`` under a launcher, ``"cuda"``, or ``"cpu"``.
+
+    torchrun, accelerate and deepspeed set ``LOCAL_RANK`` in every process; a
+    plain ``"cuda"`` would mean GPU 0 on every rank unless the script called
+    ``torch.cuda.set_device``. With one visible GPU (a launcher that sets
+    ``CUDA_VISIBLE_DEVICES`` per process) that GPU is the rank's, whatever
+    ``LOCAL_RANK`` says.
+    """
+    if not torch.cuda.is_available():
+        return "cpu"
+    text = env.get("LOCAL_RANK")
+    if text is None:
+        return "cuda"
+    if not text.strip().isdigit():
+        raise D3MError(f"LOCAL_RANK must be a non-negative integer, got {text!r}; fix the launcher's environment "
+                       "or pass RenderOptions(device=...)")
+    local_rank, count = int(text), torch.cuda.device_count()
+    if count == 1:
+        return "cuda:0"
+    if local_rank >= count:
+        raise D3MError(f"LOCAL_RANK={local_rank}, but this process sees {count} CUDA devices (0..{count - 1}); "
+                       "pass RenderOptions(device='cuda:N') or launch one process per visible GPU")
+    return f"cuda:{local_rank}"
 
 
 def check_device(device: str) -> None:

@@ -52,7 +52,7 @@ def export_images(dataset, out_dir, progress: bool = True) -> int:
     from tqdm.auto import tqdm
 
     with atomic_folder(out_dir) as out:
-        dataset.materialize(progress=progress)
+        dataset.materialize(progress=progress, distributed=False)  # this process writes the folder: it renders all
         g2 = dataset.grid * dataset.grid
         folders = [class_folder(c, n) for c, n in enumerate(dataset.classes)]
         for folder in folders:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import accel
-from .devices import check_device
+from .devices import check_device, default_device
 from .schedulers import PIPELINES, check_scheduler_config
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
@@ -43,11 +43,6 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 _PIPELINES: dict[tuple[str, str, str, bool], "object"] = {}
 _PIPELINES_LOCK = threading.RLock()
-
-
-def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device: str) -> str:
@@ -254,6 +249,7 @@ class Regenerator:
         self._prompt_cache: dict[int, torch.Tensor] = {}
         self._negative: torch.Tensor | None = None
         self.fp32_redecodes = 0  # images whose low-precision decode was not finite and was redone in fp32
+        self.images_rendered = 0  # images render_pairs returned (padding rows not counted)
 
     def _check_embeddings(self, embeddings: np.ndarray) -> None:
         info, pipe = self.info, self.pipe
@@ -306,6 +302,7 @@ class Regenerator:
         pairs = [(int(c), int(s)) for c, s in pairs]
         if not pairs:
             return torch.empty((0, 3, self.info.height, self.info.width))
+        self.images_rendered += len(pairs)
         if torch.device(self.device).type != "cpu":
             return self._render(pairs)
         out = []

@@ -27,7 +27,8 @@ class RenderOptions:
 
     Args:
         model: a model id or directory used instead of the archive's ``generator.model.id``.
-        device: the rendering device (default: CUDA when available, else the CPU).
+        device: the rendering device (default: ``cuda:LOCAL_RANK`` under torchrun/accelerate, else
+            CUDA when available, else the CPU; see ``d3mfmt.devices.default_device``).
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (default: fp16 on CUDA, fp32 elsewhere).
         allow_model_mismatch: render even if the model's content hash differs
             from the one the archive pins (the labels may then not describe the pixels).

@@ -98,6 +98,7 @@ def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict
             "pipeline": gen.pipeline,
             "model": gen.model.id,
             "revision": gen.model.revision,
+            "variant": gen.model.variant,
             "model_identity": gen.model.identity,
             "scheduler": gen.scheduler,
             "steps": gen.steps,
@@ -143,6 +144,7 @@ def render_text(s: dict, max_names: int = 6) -> str:
         f"{ds['images']} images, {ds['patches']} patches",
         f"classes       {names}",
         f"generator     {gen['model']}" + (f"@{gen['revision']}" if gen["revision"] else "")
+        + (f", variant {gen['variant']}" if gen.get("variant") else "")
         + f" ({gen['model_identity'] or 'no identity'})",
         f"              {gen['pipeline']}, {gen['scheduler']}, {gen['steps']} steps, guidance {gen['guidance_scale']}, "
         f"{gen['size'][0]}x{gen['size'][1]} px, latents {'x'.join(map(str, gen['latent_shape']))}, {gen['dtype']}",

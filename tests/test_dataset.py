@@ -33,6 +33,11 @@ def ds(tiny_archive_path, tmp_path):
     return D3MDataset(tiny_archive_path, cache_dir=tmp_path / "cache", render=CPU)
 
 
+def _fresh(ds):
+    """A new dataset on the same archive and cache (nothing in memory, nothing verified)."""
+    return D3MDataset(ds.path, cache_dir=ds.cache_dir, render=CPU)
+
+
 def test_patch_items_shapes_labels_and_order(ds, tiny_archive_path):
     archive = d3mfmt.load_file(tiny_archive_path)
     assert len(ds) == 3 * 4 * 4
@@ -110,15 +115,24 @@ def test_corrupt_cache_file_is_rendered_again(ds):
     assert torch.equal(fresh.render_images([0])[0], x)
 
 
-def test_a_cache_file_is_the_npy_bytes_then_their_sha256(ds):
+def test_a_cache_file_is_the_npy_bytes_then_their_keyed_tag(ds):
     import hashlib
+    import hmac
     import io
+    import stat
+
+    from d3mfmt.pixelcache import KEY_FILE
 
     x = ds.render_images([6])[6]  # class 1, image 2
     blob = ds.pixel_cache.path(1, 2).read_bytes()
     assert ds.pixel_cache.path(1, 2) == ds.image_cache_dir / "000001_00002.npy"
-    body, digest = blob[:-32], blob[-32:]
-    assert hashlib.sha256(body).digest() == digest
+    key_file = ds.cache_dir / KEY_FILE
+    key = key_file.read_bytes()
+    assert len(key) == 32 and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    body, tag = blob[:-32], blob[-32:]
+    message = f"{ds.image_cache_dir.name}/000001_00002\0".encode() + body
+    assert hmac.new(key, message, hashlib.sha256).digest() == tag
+    assert hashlib.sha256(body).digest() != tag
     pixels = np.load(io.BytesIO(body), allow_pickle=False)
     assert pixels.dtype == np.uint8 and pixels.shape == (3, 32, 32)
     np.testing.assert_array_equal(pixels, torch.round(x * 255).to(torch.uint8).numpy())
@@ -182,9 +196,10 @@ def test_concurrent_cache_writes_of_one_image_do_not_collide(ds):
     from concurrent.futures import ThreadPoolExecutor
 
     x = ds.render_images([3])[3]
+    pixels = torch.round(x * 255).to(torch.uint8)
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda _: ds._write_cached(3, x), range(200)))
-    assert torch.equal(ds._read_cached(3), x)
+        list(pool.map(lambda _: ds._write_cached(3, pixels), range(200)))
+    assert torch.equal(torch.from_numpy(_fresh(ds).pixel_cache.read(0, 3)), pixels)
     assert not list(ds.image_cache_dir.glob(".*"))  # no temporary files left behind
 
 
@@ -208,3 +223,54 @@ def test_materialize_a_subset_of_images(tiny_archive_path, tmp_path):
         "000000_00000.npy", "000001_00001.npy", "000002_00003.npy"]
     with pytest.raises(IndexError, match="image index 12 out of range"):
         ds.materialize(progress=False, images=[12])
+
+
+def test_the_memory_cache_is_bounded_in_bytes(ds):
+    import shutil
+
+    image_bytes = 3 * 32 * 32
+    ds.memory_cache_bytes = 2 * image_bytes  # two decoded images
+    counter = RenderCounter(ds)
+    first = ds.render_images([0, 1, 2])
+    assert counter.count == 3
+    shutil.rmtree(ds.image_cache_dir)  # from now on only memory can answer without rendering
+    assert torch.equal(ds.render_images([2])[2], first[2]) and torch.equal(ds.render_images([1])[1], first[1])
+    assert counter.count == 3  # the two most recent images came from memory
+    assert torch.equal(ds.render_images([0])[0], first[0]) and counter.count == 4  # evicted: rendered again
+    ds.memory_cache_bytes = 0  # nothing kept: a read needs the file
+    ds.render_images([3])
+    ds.render_images([3])
+    assert counter.count == 5  # rendered once, then read from its file
+    ds.pixel_cache.path(0, 3).unlink()
+    ds.render_images([3])
+    assert counter.count == 6
+
+
+def test_materialize_verifies_every_cached_file_once(ds, monkeypatch):
+    import hmac
+
+    from d3mfmt import pixelcache
+
+    ds.materialize(progress=False)
+    ds.pixel_cache.path(1, 0).write_bytes(b"damaged")
+    calls = []
+    real_new = hmac.new
+    monkeypatch.setattr(pixelcache.hmac, "new", lambda *a, **k: calls.append(1) or real_new(*a, **k))
+    fresh = _fresh(ds)
+    fresh.memory_cache_bytes = 0
+    counter = RenderCounter(fresh)
+    fresh.materialize(progress=False)
+    assert counter.count == 1  # the damaged file, rendered again here and not later in a worker
+    hashed = len(calls)
+    assert hashed == 11 + 2  # 11 good files verified; the new one tagged, then read back once
+    items = [fresh[k] for k in range(len(fresh))]
+    assert len(calls) == hashed and counter.count == 1  # a whole epoch from the files: no hashing, no rendering
+    assert all(torch.equal(x, ds[k][0]) for k, (x, _, _) in enumerate(items))
+
+
+def test_rendered_and_cached_pixels_are_the_renderers_values_exactly(ds):
+    direct = ds.regenerator.render(1, [int(ds.archive.seeds[1, 2])])[0]  # float32 on the 8-bit grid
+    assert torch.equal(ds.render_images([6])[6], direct)  # rendered now, through the uint8 LRU
+    fresh = _fresh(ds)
+    assert torch.equal(fresh.render_images([6])[6], direct)  # read from the cache file
+    assert torch.equal(fresh[6 * 4 + 3][0], direct[:, 16:, 16:])

@@ -105,6 +105,77 @@ def test_a_fifo_in_the_cache_does_not_hang(ds):
     assert path.is_file()
 
 
+def test_a_planted_file_with_a_recomputed_sha256_is_not_served(ds, tmp_path):
+    import hashlib
+
+    x = ds.render_images([0, 1])[0]
+    path = ds.pixel_cache.path(0, 0)
+    good = path.read_bytes()
+    header = good[: len(good) - 3 * 32 * 32 - 32]
+    # 1. other pixels with the sha256 of their bytes: what the old unkeyed layout accepted
+    body = header + np.full((3, 32, 32), 200, np.uint8).tobytes()
+    planted = {"recomputed sha256": body + hashlib.sha256(body).digest()}
+    # 2. a genuine file of another slot, and one of another cache root (another key) in this slot
+    planted["another image's genuine file"] = ds.pixel_cache.path(0, 1).read_bytes()
+    other = D3MDataset(ds.path, cache_dir=tmp_path / "other-root", render=CPU)
+    other.render_images([0])
+    planted["another cache's genuine file"] = other.pixel_cache.path(0, 0).read_bytes()
+    assert planted["another cache's genuine file"] != good  # same pixels, another key
+    for what, blob in planted.items():
+        path.write_bytes(blob)
+        fresh = _fresh(ds)
+        assert fresh.pixel_cache.read(0, 0) is None, what
+        assert torch.equal(fresh.render_images([0])[0], x), what  # rendered again, and the file replaced
+        assert path.read_bytes() == good, what
+
+
+def test_a_verified_file_is_hashed_once_per_process_and_rechecked_when_changed(ds, monkeypatch):
+    import hmac
+
+    from d3mfmt import pixelcache
+
+    ds.render_images([0])
+    calls = []
+    real_new = hmac.new
+    monkeypatch.setattr(pixelcache.hmac, "new", lambda *a, **k: calls.append(1) or real_new(*a, **k))
+    fresh = _fresh(ds)
+    fresh.memory_cache_bytes = 0  # every read goes to the file
+    first = fresh.pixel_cache.read(0, 0).copy()
+    for _ in range(3):
+        assert (fresh.pixel_cache.read(0, 0) == first).all()
+    assert len(calls) == 1  # verified once, then only read
+    # the same size and mtime, changed in place: ctime moves, so the file is checked again and refused
+    path = fresh.pixel_cache.path(0, 0)
+    st = path.stat()
+    blob = bytearray(path.read_bytes())
+    blob[200] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(blob)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fresh.pixel_cache.read(0, 0) is None and len(calls) == 2
+
+
+def test_a_bad_key_file_is_a_clear_error(ds):
+    from d3mfmt.pixelcache import KEY_FILE
+
+    ds.render_images([0])
+    (ds.cache_dir / KEY_FILE).write_bytes(b"short")
+    with pytest.raises(D3MError, match=r"is not a pixel-cache key \(5 bytes, expected 32\); delete it"):
+        _fresh(ds)[0]
+
+
+def test_concurrent_first_writers_agree_on_one_key(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from d3mfmt.pixelcache import KEY_FILE, cache_secret
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: cache_secret(tmp_path / "root", create=True), range(32)))
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == [KEY_FILE]  # no temporary files left
+    assert cache_secret(tmp_path / "elsewhere", create=False) is None
+
+
 @pytest.mark.parametrize("where", ["unwritable folder", "a file"])
 def test_an_unwritable_cache_keeps_images_in_memory_with_one_warning(tiny_archive_path, tmp_path, unwritable_dir,
                                                                      where):

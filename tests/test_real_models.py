@@ -359,3 +359,42 @@ def test_allow_download_fetches_exactly_the_pinned_files(folders, tmp_path, monk
     assert model_identity(path) == model_identity(full)
     path16 = resolve_model("runwayml/stable-diffusion-v1-5", allow_download=True, variant="fp16")
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in asked[-1] and model_identity(path16, "fp16")
+
+
+# --- d3m-inspect and the card name the variant ------------------------------------------
+
+def _archive_file(gen, path):
+    from conftest import make_archive
+
+    base = make_archive(num_classes=2, ipc=1, grid=2, dim=32, fingerprint_size=None)
+    d3mfmt.save_file(replace(base, manifest=replace(base.manifest, generator=gen)), path)
+    return path
+
+
+def test_inspect_variant_option_summary_and_card(folders, tmp_path):
+    from conftest import run_inspect
+
+    from d3mfmt.card import card_text
+
+    full = folders["sd15-full"]
+    recorded = _archive_file(generator_for(full, variant="fp16"), tmp_path / "fp16.d3m")
+    # 1. the summary, text and JSON, and the card show generator.model.variant
+    text = run_inspect(recorded)
+    assert text.exit_code == 0 and ", variant fp16 (files-sha256:" in text.stdout
+    assert json.loads(run_inspect("summary", recorded, "--json").stdout)["generator"]["variant"] == "fp16"
+    card = card_text(recorded.read_bytes(), "fp16.d3m")
+    assert "weight variant `fp16`, content hash" in card and "`*.fp16.safetensors` files" in card
+    assert "# renders with the 'fp16' weight variant the archive names" in card
+    plain = _archive_file(generator_for(full), tmp_path / "plain.d3m")
+    assert json.loads(run_inspect("summary", plain, "--json").stdout)["generator"]["variant"] is None
+    assert "variant" not in run_inspect(plain).stdout and "variant" not in card_text(plain.read_bytes(), "p.d3m")
+    # 2. --variant reaches RenderOptions: an fp16 pin recorded without its variant renders only with it
+    unnamed = generator_for(full, variant="fp16")
+    unnamed = _archive_file(replace(unnamed, model=replace(unnamed.model, variant=None)), tmp_path / "unnamed.d3m")
+    args = ("preview", unnamed, "--device", "cpu", "--per-class", "1", "-o", tmp_path / "p.png")
+    refused = run_inspect(*args)
+    assert refused.exit_code == 1 and "d3m-inspect: --variant NAME" in refused.stderr
+    assert not (tmp_path / "p.png").exists()
+    rendered = run_inspect(*args, "--variant", "fp16")
+    assert rendered.exit_code == 0, rendered.stderr
+    assert (tmp_path / "p.png").is_file()
