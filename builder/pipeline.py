@@ -46,7 +46,7 @@ from d3mfmt.generator import Regenerator, default_dtype
 from d3mfmt.manifest import generator_to_dict
 from d3mfmt.terminal import printable
 
-from .assemble import (BuildResult, archive_manifest, below_min_agreement, check_labels, merge_flags,
+from .assemble import (BuildResult, archive_manifest, below_min_agreement, check_labels, class_labels, merge_flags,
                        summarize_build, write_archive)
 from .guards import check_class_order, domain_message, domain_problems
 from .inversion import invert_class_token
@@ -97,8 +97,8 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
         return BuildResult(None, None, [
             f"shard {run.shard[0]}/{run.shard[1]} done in {seconds:.0f}s; when every shard is done: "
             f"d3m-build merge {workdir} -o {out}{merge_flags(labels, run.min_agreement)}",
-            *below_min_agreement([source.classes[c].name for c in mine], [wd.load_class(c)[1] for c in mine],
-                                 run.min_agreement)])
+            *below_min_agreement([class_labels(source.classes)[c] for c in mine],
+                                 [wd.load_class(c)[1] for c in mine], run.min_agreement)])
     # --min-agreement: enforced once, here, on every class (the build recorded and went on)
     archive = write_archive([wd.path], out, labels, out.name.removesuffix(".d3m"), teacher_accuracy,
                             min_agreement=run.min_agreement)
