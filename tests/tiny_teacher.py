@@ -84,3 +84,8 @@ def make_digit_folder(root: Path, per_class: int = 8) -> Path:
         for i, pixels in enumerate(images[labels == digit][:per_class]):
             Image.fromarray(pixels.astype(np.uint8)).convert("RGB").save(root / name / f"{i:03d}.png")
     return root
+
+
+def build_teacher2():
+    """:class:`ChannelTeacher` for two classes (red, green)."""
+    return ChannelTeacher(2)
