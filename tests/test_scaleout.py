@@ -135,3 +135,17 @@ def test_torchrun_two_ranks_finish_every_class_and_the_merge_names_the_low_one(t
         in merged.stderr and "Use a model that covers this data" in merged.stderr
     accepted = CliRunner().invoke(main, ["merge", str(wd.path), "-o", str(out)])
     assert accepted.exit_code == 0 and d3mfmt.load_file(out).manifest.build["agreement"]["two"]["regenerated"] < 0.5
+
+
+def test_the_imagenet_script_uses_only_options_d3m_build_has():
+    import re
+
+    from builder.cli import build_command, merge_command
+
+    script = (ROOT / "examples" / "build_imagenet_sd15.sh").read_text()
+    known = {opt for command in (build_command, merge_command) for p in command.params for opt in p.opts}
+    body = script.split("set -euo pipefail", 1)[1]
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", "\n".join(
+        line.split("#")[0] for line in body.splitlines() if "torchrun" not in line and "accelerate" not in line)))
+    assert used and used <= known, used - known
+    assert "-m builder.cli" in script and "--shard auto" in script
