@@ -4,7 +4,9 @@ One work directory (a whole build) or several (the shards of one build) hold a
 checkpoint per class; :func:`write_archive` joins them, in class order, through
 d3mfmt's writer (temporary file, then rename), so an archive is either complete
 and valid or absent. :func:`enforce_min_agreement` is the one ``--min-agreement``
-rule, applied as classes finish and again when shards merge.
+rule, applied once, when the archive is written (at the end of a single run, or
+at the merge of a sharded one); a shard only reports its classes below it
+(:func:`below_min_agreement`), so one bad class never stops the other ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .workdir import REBUILD_CLASS, SETTINGS_FILE, Workdir, check_output_path
 
 
 DENSE_VALUES = "f16"  # the dense encoding's value codec unless --values says otherwise
+SHOWN_CLASSES = 20  # classes named in a --min-agreement message
 
 
 @dataclass(frozen=True)
@@ -81,26 +84,56 @@ def merge_flags(labels: LabelEncoding, min_agreement: float | None) -> str:
     return flags + ("" if min_agreement is None else f" --min-agreement {min_agreement:g}")
 
 
-def enforce_min_agreement(names: list[str], metas: list[dict], min_agreement: float | None,
+def class_labels(classes) -> list[str]:
+    """How messages name classes: ``'name'``, or ``id 'name'`` when they differ (names may repeat: ImageNet's do)."""
+    pairs = [(c["id"], c["name"]) if isinstance(c, dict) else (c.id, c.name) for c in classes]
+    return [repr(name) if cid == name else f"{cid} {name!r}" for cid, name in pairs]
+
+
+def _below(labels: list[str], metas: list[dict], min_agreement: float) -> list[tuple[str, dict]]:
+    return [(label, m) for label, m in zip(labels, metas) if m["regenerated"] < min_agreement]
+
+
+def _shown(below: list[tuple[str, dict]], limit: int = SHOWN_CLASSES) -> str:
+    """``'name' 12% (real 100%), ...`` for at most ``limit`` classes, then how many more."""
+    text = ", ".join(f"{label} {100 * m['regenerated']:.0f}%" + (
+        "" if m.get("real_agreement") is None else f" (real {100 * m['real_agreement']:.0f}%)")
+        for label, m in below[:limit])
+    return printable(text + (f" and {len(below) - limit} more" if len(below) > limit else ""))
+
+
+def below_min_agreement(labels: list[str], metas: list[dict], min_agreement: float | None) -> list[str]:
+    """A shard's report: its classes below ``--min-agreement`` (recorded; the merge refuses them), or no lines."""
+    below = [] if min_agreement is None else _below(labels, metas, min_agreement)
+    if not below:
+        return []
+    return [f"  {len(below)} of this shard's {len(labels)} classes are below --min-agreement {min_agreement:g}: "
+            f"{_shown(below)}; they are recorded, and the merge with --min-agreement will refuse them"]
+
+
+def enforce_min_agreement(labels: list[str], metas: list[dict], min_agreement: float | None,
                           workdir: Path | None = None) -> None:
-    """The one ``--min-agreement`` rule: D3MError when a class's agreement on regenerated patches is below it.
+    """The one ``--min-agreement`` rule, applied once, when an archive is written (a build or a merge).
+
+    D3MError listing every class whose teacher agreement on regenerated patches is below it
+    (the first :data:`SHOWN_CLASSES` by name), and what to do.
 
     Args:
-        names: the classes' names; ``metas`` their checkpoint metadata, in the same order.
-        workdir: where the finished classes stay (named in the message), if a build stops.
+        labels: the classes as messages name them (:func:`class_labels`); ``metas`` their checkpoint
+            metadata, in the same order.
+        workdir: where the finished classes stay (named in the message).
     """
     if min_agreement is None:
         return
-    below = [(name, m) for name, m in zip(names, metas) if m["regenerated"] < min_agreement]
+    below = _below(labels, metas, min_agreement)
     if not below:
         return
-    shown = ", ".join(f"{name!r} {100 * m['regenerated']:.0f}%" + (
-        "" if m.get("real_agreement") is None else f" (real {100 * m['real_agreement']:.0f}%)")
-        for name, m in below[:10])
-    kept = "" if workdir is None else f" (finished classes stay in {workdir})"
+    kept = "" if workdir is None else f" (every class stays finished in {workdir})"
+    accept = "" if workdir is None else f" (`d3m-build merge {workdir} -o OUT` without --min-agreement)"
     raise D3MError(f"teacher agreement on regenerated patches is below --min-agreement {min_agreement:g} for "
-                   f"{len(below)} of {len(names)} classes ({printable(shown)}); the model does not render them "
-                   f"the way the teacher sees them. No archive was written{kept}; use a model that covers this data")
+                   f"{len(below)} of {len(labels)} classes: {_shown(below)}; the model does not render them the way "
+                   f"the teacher sees them. No archive was written{kept}. Use a model that covers this data, or "
+                   f"accept these classes by writing the archive without --min-agreement (or a lower value){accept}")
 
 
 def archive_manifest(record: dict, labels: LabelEncoding, name: str, n_vectors: int, dim: int,
@@ -167,7 +200,8 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
     check_output_path(out)
     record, parts, first = finished_classes(workdirs)
     metas = [m for _, m in parts]
-    enforce_min_agreement([c["name"] for c in record["classes"]], metas, min_agreement)
+    enforce_min_agreement(class_labels(record["classes"]), metas, min_agreement,
+                          first if len(workdirs) == 1 else None)
     # 2. one embedding shape (one model), then the manifest from the record
     widths = {t["embedding"].shape for t, _ in parts}
     if len(widths) > 1:

@@ -24,13 +24,14 @@ import click
 
 from d3mfmt.errors import D3MError
 from d3mfmt.labels import ENCODINGS, VALUE_CODECS
+from d3mfmt.render import DTYPE_NAMES
 from d3mfmt.terminal import printable
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # option -> the settings field it sets: a BuildSettings field, or "patches." / "inversion." + field
 SETTINGS_OPTIONS = {
-    "revision": "revision", "ipc": "ipc", "grid": "grid", "resolution": "resolution", "steps": "steps",
+    "revision": "revision", "variant": "variant", "ipc": "ipc", "grid": "grid", "resolution": "resolution", "steps": "steps",
     "guidance_scale": "guidance_scale", "prompt_template": "prompt_template", "seed": "seed",
     "seed_candidates": "seed_candidates", "temperature": "temperature",
     "n_crops": "patches.n_crops", "max_images": "patches.max_images",
@@ -91,8 +92,9 @@ def _label_options(f):
         click.option("--values", type=click.Choice(list(VALUE_CODECS)),
                      help=f"Label value codec [default: {default.values} for topk, {DENSE_VALUES} for dense]."),
         click.option("--min-agreement", type=float,
-                     help="Fail (no archive) when the teacher agrees with a class on fewer regenerated patches "
-                          "than this fraction, e.g. 0.5 [default: only warn]."),
+                     help="Write no archive when the teacher agrees with a class on fewer regenerated patches than "
+                          "this fraction, e.g. 0.5; checked once, on every class, when the archive is written "
+                          "(a shard records its classes below it and goes on) [default: only warn]."),
     ]):
         f = option(f)
     return f
@@ -112,6 +114,8 @@ def _shard_help() -> str:
 @click.option("--demo", is_flag=True, help="Built-in model, teacher and MNIST train split, with the model's defaults.")
 @click.option("--model", help="Diffusion model: built-in id, diffusers folder or hub id (local cache). Required without --demo.")
 @click.option("--revision", help="Hub revision of --model.")
+@click.option("--variant", help="Weight-file variant of --model, e.g. fp16 (its *.fp16.safetensors) [default: the plain "
+                                "weights, or the only variant the folder holds].")
 @click.option("--teacher", help="Teacher: built-in name or module:function. Required without --demo.")
 @click.option("--classes", "class_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Class list FILE: folder names (e.g. WordNet ids) in the teacher's logit order, one per line, "
@@ -138,7 +142,10 @@ def _shard_help() -> str:
 @_label_options
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Checkpoints [default: OUT.work].")
 @click.option("--shard", help=_shard_help())
-@click.option("--device", help="cuda, cuda:N or cpu [default: cuda if available].")
+@click.option("--device", help="cuda, cuda:N or cpu [default: cuda:LOCAL_RANK under a launcher, cuda if available].")
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)),
+              help="The frozen model's dtype for inversion and rendering; the labels are computed in it "
+                   "[default: float16 on CUDA, float32 on the CPU].")
 def build_command(**options) -> None:
     """Distil the ImageFolder DATA (or the built-in MNIST split with --demo) into the archive OUT."""
     from .assemble import label_encoding
@@ -152,7 +159,8 @@ def build_command(**options) -> None:
         source, settings = _source_and_settings(options)
         labels = label_encoding(options["label_kind"], options["k"], options["values"], settings.temperature)
         run = RunOptions(**_given(shard=None if options["shard"] is None else parse_shard(options["shard"]),
-                                  device=options["device"], min_agreement=options["min_agreement"]),
+                                  device=options["device"], dtype=options["dtype"],
+                                  min_agreement=options["min_agreement"]),
                          check_order=not options["ignore_class_order"])
         # 2. build (the demo records its teacher's accuracy on the held-out digits)
         accuracy = mnist_test_accuracy(load_teacher(DEMO_TEACHER)) if options["demo"] else None
@@ -173,7 +181,7 @@ def _source_and_settings(options: dict):
 
     named = {"DATA": options["data"], "--model": options["model"], "--teacher": options["teacher"]}
     if options["demo"]:
-        clash = [flag for flag, v in {**named, "--revision": options["revision"],
+        clash = [flag for flag, v in {**named, "--revision": options["revision"], "--variant": options["variant"],
                                       "--classes": options["class_file"]}.items() if v is not None]
         if clash:
             raise D3MError(f"--demo uses the built-in MNIST data, model and teacher; drop {', '.join(clash)}")
@@ -227,3 +235,7 @@ def _errors():
     except D3MError as exc:
         click.echo(printable(f"d3m-build: {exc}"), err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m builder.cli (torchrun -m builder.cli ...)
+    main()

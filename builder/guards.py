@@ -30,14 +30,20 @@ ORDER_MISMATCH = 0.5  # a class is misordered when over half its images go to on
 
 
 @torch.no_grad()
+def confusion_row(teacher, images: torch.Tensor, num_classes: int, device: str) -> np.ndarray:
+    """``[C]`` counts of the teacher's top-1 over one class folder's sample ``images``."""
+    pred = teacher(images.to(device)).argmax(1).cpu().numpy()
+    return np.bincount(pred, minlength=num_classes)[:num_classes]
+
+
 def teacher_confusion(source, teacher, side: int, device: str, per_class: int = ORDER_SAMPLE) -> np.ndarray:
-    """``[C, C]`` counts: row = class folder, column = the teacher's top-1 on its first ``per_class`` images."""
+    """``[C, C]`` counts: row = class folder, column = the teacher's top-1 on its first ``per_class`` images.
+
+    (A build computes it once, in its preflight, from the images it decodes there anyway.)
+    """
     c_total = len(source.classes)
-    counts = np.zeros((c_total, c_total), dtype=np.int64)
-    for c in range(c_total):
-        pred = teacher(source.images(c, side=side, limit=per_class).to(device)).argmax(1).cpu().numpy()
-        counts[c] = np.bincount(pred, minlength=c_total)[:c_total]
-    return counts
+    return np.stack([confusion_row(teacher, source.images(c, side=side, limit=per_class), c_total, device)
+                     for c in range(c_total)]).astype(np.int64)
 
 
 def best_assignment(score: np.ndarray) -> np.ndarray:

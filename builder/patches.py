@@ -5,6 +5,13 @@ the crop with the lowest cross-entropy on the image's class is that image's
 patch ("most informative" in D3M's and RDED's sense: the teacher is surest of
 the class). Per class the ``keep`` lowest-loss patches survive and are tiled
 ``grid x grid`` into collages, the images textual inversion learns from.
+
+The images arrive as a stream (builder/prefetch.py: decoded by threads while
+the teacher works), are moved to the device batch by batch, cropped and resized
+there (builder/crops.py), and scored in teacher calls of exactly
+``PatchSettings.batch`` crops in image order, the calls of every earlier build,
+so a build's patches do not depend on how the stream is batched. Only the
+losses are kept; the winning crops are cut again at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .crops import crop_boxes, resize_crops
+from .prefetch import ImageStream
 
 
 @dataclass(frozen=True)
@@ -26,22 +36,17 @@ class PatchSettings:
     batch: int = 256  # crops per teacher call
 
 
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 0..1 (the division every source used to do on the CPU); float stays float32."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
 def random_resized_crops(images: torch.Tensor, n_crops: int, out_side: int, scale, ratio, g: torch.Generator) -> torch.Tensor:
     """``n_crops`` crops per image (area ~U(scale), log-aspect ~U(log ratio)), resized: ``[N, n_crops, 3, s, s]``."""
-    n, _, h, w = images.shape
-    area = torch.empty(n, n_crops).uniform_(*scale, generator=g) * h * w
-    log_r = torch.empty(n, n_crops).uniform_(*torch.log(torch.tensor(ratio)).tolist(), generator=g)
-    aspect = torch.exp(log_r)
-    ch = torch.sqrt(area / aspect).round().clamp(1, h).long()
-    cw = torch.sqrt(area * aspect).round().clamp(1, w).long()
-    y0 = (torch.rand(n, n_crops, generator=g) * (h - ch + 1)).floor().long()
-    x0 = (torch.rand(n, n_crops, generator=g) * (w - cw + 1)).floor().long()
-    out = torch.empty(n, n_crops, images.shape[1], out_side, out_side)
-    for a in range(n):
-        for b in range(n_crops):
-            crop = images[a : a + 1, :, y0[a, b] : y0[a, b] + ch[a, b], x0[a, b] : x0[a, b] + cw[a, b]]
-            out[a, b] = F.interpolate(crop, size=(out_side, out_side), mode="bilinear", align_corners=False, antialias=True)[0]
-    return out
+    n, ch, h, w = images.shape
+    boxes = crop_boxes(n, n_crops, h, w, scale, ratio, g).view(-1, 4)
+    owner = torch.arange(n).repeat_interleave(n_crops)
+    return resize_crops(images, owner, boxes, out_side).view(n, n_crops, ch, out_side, out_side)
 
 
 @torch.no_grad()
@@ -55,22 +60,53 @@ def teacher_losses(teacher, patches: torch.Tensor, c: int, batch: int, device: s
     return torch.cat(losses)
 
 
-def select_patches(images: torch.Tensor, c: int, teacher, keep: int, side: int, settings: PatchSettings,
+def crop_losses(stream: ImageStream, c: int, teacher, side: int, settings: PatchSettings, g: torch.Generator,
+                device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score every crop of the stream: (boxes ``[n, k, 4]``, losses ``[n, k]``, the images ``[n, 3, H, W]`` as given)."""
+    n, k = stream.count, settings.n_crops
+    boxes, kept, pending, scored = None, [], [], []
+    done = 0  # images cropped so far
+    for batch in stream.batches:
+        # 1. the batch on the device; the boxes of every image, drawn once the image size is known
+        if boxes is None:
+            boxes = crop_boxes(n, k, batch.shape[2], batch.shape[3], settings.scale, settings.ratio, g)
+        kept.append(batch)
+        owner = torch.arange(len(batch)).repeat_interleave(k)
+        pending.append(resize_crops(as_float(batch.to(device)), owner, boxes[done : done + len(batch)].view(-1, 4), side))
+        done += len(batch)
+        # 2. teacher calls of exactly settings.batch crops, in image order (the last one may be smaller)
+        queue = torch.cat(pending)
+        full = len(queue) - len(queue) % settings.batch
+        if full:
+            scored.append(teacher_losses(teacher, queue[:full], c, settings.batch, device))
+        pending = [queue[full:]]
+    if done != n:
+        raise RuntimeError(f"the image stream of class {c} held {done} images, announced {n}")
+    rest = torch.cat(pending)
+    if len(rest):
+        scored.append(teacher_losses(teacher, rest, c, settings.batch, device))
+    return boxes, torch.cat(scored).view(n, k), torch.cat(kept)
+
+
+def select_patches(images, c: int, teacher, keep: int, side: int, settings: PatchSettings,
                    g: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``keep`` most informative patches of class ``c``: (patches ``[keep, 3, side, side]``, their losses).
 
-    If the class has fewer real images than ``keep``, the best crops are
-    reused in order (a class with 3 images and keep=8 gets each best crop
-    about three times); the caller logs this.
+    ``images`` is a float ``[N, 3, H, W]`` tensor in [0, 1] or an :class:`ImageStream`
+    (a source's ``image_stream``). If the class has fewer real images than
+    ``keep``, the best crops are reused in order (a class with 3 images and
+    keep=8 gets each best crop about three times); the caller logs this.
     """
-    crops = random_resized_crops(images[: settings.max_images], settings.n_crops, side, settings.scale, settings.ratio, g)
-    n = len(crops)
-    loss = teacher_losses(teacher, crops.flatten(0, 1), c, settings.batch, device).view(n, settings.n_crops)
+    if isinstance(images, torch.Tensor):
+        images = ImageStream.of(images[: settings.max_images])
+    boxes, loss, real = crop_losses(images, c, teacher, side, settings, g, device)
+    n = len(loss)
     best_loss, best = loss.min(dim=1)
-    best_patches = crops[torch.arange(n), best]
     order = torch.argsort(best_loss, stable=True)
     order = order.repeat((keep + n - 1) // n)[:keep]
-    return best_patches[order], best_loss[order]
+    # the winners, cut again exactly as they were scored
+    winners = resize_crops(as_float(real[order].to(device)), torch.arange(len(order)), boxes[order, best[order]], side)
+    return winners.cpu(), best_loss[order]
 
 
 def make_collages(patches: torch.Tensor, grid: int) -> torch.Tensor:

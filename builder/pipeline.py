@@ -11,7 +11,12 @@ Per class (independent of every other class, so shards agree with a single run):
    teacher -> soft label per patch, fingerprint per image;
 7. checkpoint the class in the work directory (atomic write).
 
-When every class is done the archive is written (builder/assemble.py).
+Before the first class, the model is resolved (SDXL, other pipelines and
+single files refused before any data is read, builder/model.py), the teacher
+loaded, and the preflight run once per build (builder/preflight.py: data
+check, listing, class-order matrix). When every class is done the archive is
+written (builder/assemble.py); ``--min-agreement`` is enforced once, then: a
+class below it is recorded and reported, and the build goes on.
 
 Example:
     >>> from builder.pipeline import build_archive
@@ -34,21 +39,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d3mfmt import D3MError, GeneratorInfo, LabelEncoding, Manifest, ModelRef, RenderOptions
+from d3mfmt import GeneratorInfo, LabelEncoding, Manifest, RenderOptions
 from d3mfmt.agreement import LOW_AGREEMENT_FLOOR
 from d3mfmt.devices import check_device
-from d3mfmt.generator import Regenerator, default_dtype, shared_pipeline
+from d3mfmt.generator import Regenerator, default_dtype
 from d3mfmt.manifest import generator_to_dict
-from d3mfmt.modelpin import model_identity
-from d3mfmt.models import resolve_model
 from d3mfmt.terminal import printable
 
-from .assemble import (BuildResult, archive_manifest, check_labels, enforce_min_agreement, merge_flags,
+from .assemble import (BuildResult, archive_manifest, below_min_agreement, check_labels, class_labels, merge_flags,
                        summarize_build, write_archive)
-from .guards import check_class_order, domain_message, domain_problems, teacher_confusion
+from .guards import check_class_order, domain_message, domain_problems
 from .inversion import invert_class_token
 from .labelling import choose_seeds, class_generator, class_seeds, render_and_label
+from .model import generator_info, load_build_model, native_resolution, warn_cpu_cost
 from .patches import make_collages, select_patches
+from .preflight import run_preflight
 from .settings import BuildSettings, RunOptions, check_settings, resolve_settings
 from .shards import shard_classes, shard_device
 from .teachers import check_teacher_width, resolve_teacher, teacher_identity
@@ -68,6 +73,7 @@ class BuildContext:
     teacher: torch.nn.Module
     device: str
     record: dict  # what binds the work directory: settings, classes, source, generator, teacher
+    files: list[list[str]] | None = None  # per class, the images patch selection reads (the preflight's listing)
 
 
 def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEncoding, workdir: Path | None = None,
@@ -84,14 +90,18 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
     out = Path(out)
     workdir = Path(workdir) if workdir is not None else out.with_name(out.name + ".work")
     start = time.perf_counter()
-    wd = build_classes(prepare(source, settings, run, out, labels), workdir, run)
+    wd = build_classes(prepare(source, settings, run, workdir, out, labels), workdir, run)
     seconds = time.perf_counter() - start
     if run.shard[1] > 1:
+        mine = shard_classes(len(source.classes), run.shard)
         return BuildResult(None, None, [
             f"shard {run.shard[0]}/{run.shard[1]} done in {seconds:.0f}s; when every shard is done: "
-            f"d3m-build merge {workdir} -o {out}{merge_flags(labels, run.min_agreement)}"])
-    # the build enforced --min-agreement on every class already
-    archive = write_archive([wd.path], out, labels, out.name.removesuffix(".d3m"), teacher_accuracy)
+            f"d3m-build merge {workdir} -o {out}{merge_flags(labels, run.min_agreement)}",
+            *below_min_agreement([class_labels(source.classes)[c] for c in mine],
+                                 [wd.load_class(c)[1] for c in mine], run.min_agreement)])
+    # --min-agreement: enforced once, here, on every class (the build recorded and went on)
+    archive = write_archive([wd.path], out, labels, out.name.removesuffix(".d3m"), teacher_accuracy,
+                            min_agreement=run.min_agreement)
     return BuildResult(out, archive, summarize_build([wd.path], out, archive, seconds))
 
 
@@ -104,12 +114,12 @@ def build(source, settings: BuildSettings, workdir: Path, *, run: RunOptions = R
             so a bad ``-o`` fails before any class is built; the class-order check writes its
             suggested class list beside it.
     """
-    return build_classes(prepare(source, settings, run, out), Path(workdir), run)
+    return build_classes(prepare(source, settings, run, Path(workdir), out), Path(workdir), run)
 
 
 def check_inputs(source, settings: BuildSettings, run: RunOptions, out: Path | None,
                  labels: LabelEncoding | None) -> str:
-    """Every value, then the device, the output folder and the data, before any model loads; returns the device."""
+    """Every value, then the device and the output folder, before any model loads; returns the device."""
     check_settings(settings, run)
     if labels is not None:
         check_labels(labels, len(source.classes), settings.temperature)
@@ -117,29 +127,32 @@ def check_inputs(source, settings: BuildSettings, run: RunOptions, out: Path | N
     check_device(device)
     if out is not None:
         check_output_path(out)
-    source.check(settings.patches.max_images)
     return device
 
 
-def prepare(source, settings: BuildSettings, run: RunOptions, out: Path | None = None,
+def prepare(source, settings: BuildSettings, run: RunOptions, workdir: Path, out: Path | None = None,
             labels: LabelEncoding | None = None) -> BuildContext:
-    """Check the inputs, load the model and teacher, run the class-order guard: the build's shared context."""
-    # 1. every value and input, before any work
+    """Check the inputs, load model and teacher, run the preflight and the class-order guard: the build's context."""
+    # 1. every value, then the model: SDXL, other pipelines, single files refused before any data is read
     device = check_inputs(source, settings, run, out, labels)
     classes = source.classes
-    # 2. the model, its defaults, the generator section the archive will hold
-    path = resolve_model(settings.model, settings.revision)
-    pipe = shared_pipeline(path, model_identity(path), device, default_dtype(device))
+    dtype = run.dtype or default_dtype(device)
+    files, pipe = load_build_model(settings, device, dtype)
     settings = resolve_settings(settings, native_resolution(pipe))
-    gen = generator_info(settings, pipe, path)
-    # 3. the teacher: one logit per class, in the data's class order (every shard checks all classes alike)
+    gen = generator_info(settings, pipe, files, dtype)
+    warn_cpu_cost(pipe, gen, settings)
+    # 2. the teacher: one logit per class, in the data's class order
     teacher, teacher_name = resolve_teacher(settings.teacher)
     teacher = teacher.to(device)
     patch_side = gen.height // settings.grid
     check_teacher_width(teacher, len(classes), patch_side, device)
+    teacher_id = teacher_identity(teacher)
+    # 3. the preflight, once per build (every rank and restart reuses it): data check, listing, class order
+    pre = run_preflight(source, teacher, side=patch_side, limit=settings.patches.max_images, teacher_id=teacher_id,
+                        device=device, workdir=workdir, progress=run.progress)
     if run.check_order:
         suggestion = None if out is None else Path(out).with_suffix(".classes.txt")
-        order = check_class_order(teacher_confusion(source, teacher, patch_side, device), classes, suggestion)
+        order = check_class_order(pre.counts, classes, suggestion)
         for c in np.flatnonzero(order.agreement < LOW_AGREEMENT_FLOOR):
             log.warning("class %s: the teacher takes only %.0f%% of its real images for this class; is the teacher "
                         "trained on this data, in this class order?", printable(classes[c].name), 100 * order.agreement[c])
@@ -147,43 +160,13 @@ def prepare(source, settings: BuildSettings, run: RunOptions, out: Path | None =
     record = {
         "settings": settings.to_json(),
         "classes": [asdict(c) for c in classes],
-        "source": asdict(source.info()),
+        "source": asdict(pre.source),
         "generator": generator_to_dict(gen),
-        "teacher": {"name": teacher_name, "identity": teacher_identity(teacher)},
+        "teacher": {"name": teacher_name, "identity": teacher_id},
     }
     dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     Manifest.from_json(archive_manifest(record, LabelEncoding(), "preflight", settings.inversion.n_vectors, dim).to_json())
-    return BuildContext(source, settings, gen, pipe, teacher, device, record)
-
-
-def generator_info(s: BuildSettings, pipe, path: Path) -> GeneratorInfo:
-    """The archive's generator section for these (resolved) settings and this model."""
-    from diffusers import DDIMScheduler
-
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    side = s.resolution
-    if side % s.grid or side % factor or side % s.fingerprint_size:
-        raise D3MError(f"--resolution {side} must be divisible by --grid {s.grid}, the VAE factor {factor} "
-                       f"and the fingerprint size {s.fingerprint_size}")
-    config = {k: v for k, v in DDIMScheduler.from_config(pipe.scheduler.config).config.items() if not k.startswith("_")}
-    return GeneratorInfo(
-        model=ModelRef(s.model, s.revision, model_identity(path)),
-        scheduler="DDIMScheduler",
-        scheduler_config=json.loads(json.dumps(config)),
-        steps=s.steps,
-        guidance_scale=s.guidance_scale,
-        height=side,
-        width=side,
-        latent_shape=(pipe.unet.config.in_channels, side // factor, side // factor),
-        prompt_template=s.prompt_template,
-        negative_prompt=s.negative_prompt,
-        dtype=default_dtype(str(pipe.device)),
-    )
-
-
-def native_resolution(pipe) -> int:
-    """The model's own image side: UNet sample size x VAE downsampling factor."""
-    return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return BuildContext(source, settings, gen, pipe, teacher, device, record, pre.files)
 
 
 def build_classes(ctx: BuildContext, workdir: Path, run: RunOptions) -> Workdir:
@@ -197,16 +180,15 @@ def build_classes(ctx: BuildContext, workdir: Path, run: RunOptions) -> Workdir:
     todo = [c for c in mine if not wd.done(c)]
     if len(todo) < len(mine):
         log.info("resuming: %d of %d classes already done in %s", len(mine) - len(todo), len(mine), wd.path)
-        if run.min_agreement is not None:  # a rerun must not skip a class that failed before
-            resumed = [c for c in mine if c not in todo]
-            enforce_min_agreement([classes[c].name for c in resumed], [wd.load_class(c)[1] for c in resumed],
-                                  run.min_agreement, wd.path)
     for c in tqdm(todo, desc="classes", unit="class", disable=not run.progress):
         tensors, meta = build_class(ctx, c)
         wd.save_class(c, tensors, meta)
         if domain_problems([meta["real_agreement"]], [meta["regenerated"]]):
             log.warning(printable(domain_message(classes[c].name, meta["real_agreement"], meta["regenerated"])))
-        enforce_min_agreement([classes[c].name], [meta], run.min_agreement, wd.path)
+        if run.min_agreement is not None and meta["regenerated"] < run.min_agreement:
+            log.warning("class %s: teacher agreement on regenerated patches %.0f%% is below --min-agreement %g; "
+                        "recorded, the build goes on (no archive will be written with it)",
+                        printable(classes[c].name), 100 * meta["regenerated"], run.min_agreement)
     return wd
 
 
@@ -220,11 +202,12 @@ def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     times = {}
     # 1-2. real images (loaded at twice the patch side, so crops keep detail) -> most informative patches
     t0 = time.perf_counter()
-    images = ctx.source.images(c, side=2 * patch_side, limit=s.patches.max_images)
+    images = ctx.source.image_stream(c, side=2 * patch_side, limit=s.patches.max_images,
+                                     files=None if ctx.files is None else ctx.files[c])
     keep = s.ipc * s.grid * s.grid
     patches, losses = select_patches(images, c, teacher, keep, patch_side, s.patches, g, device)
-    if len(images) < keep:
-        log.warning("class %s: %d real images for %d patches; best crops are reused", name, len(images), keep)
+    if images.count < keep:
+        log.warning("class %s: %d real images for %d patches; best crops are reused", name, images.count, keep)
     # 3. collages
     collages = make_collages(patches, s.grid)
     with torch.no_grad():

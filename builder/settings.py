@@ -30,7 +30,9 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from d3mfmt import D3MError
+from d3mfmt.modelpin import check_variant
 from d3mfmt.models import BUILTIN_MODELS
+from d3mfmt.render import DTYPE_NAMES
 
 from .inversion import TIMESTEP_SAMPLING, InversionSettings
 from .patches import PatchSettings
@@ -49,6 +51,7 @@ class BuildSettings:
     model: str  # built-in id, diffusers folder or hub id (local cache)
     teacher: str  # built-in teacher name or module:function
     revision: str | None = None
+    variant: str | None = None  # weight files ("fp16"...); None: the plain ones, or the only variant there
     ipc: int = 10
     grid: int = 2
     resolution: int | None = None  # collage side in pixels
@@ -74,14 +77,18 @@ class RunOptions:
     Args:
         shard: ``(i, n)``: build only the classes ``c`` with ``c % n == i`` (n > 1: no archive yet).
         device: ``None``: cuda:LOCAL_RANK under a launcher with GPUs, else the default device.
+        dtype: the frozen model's dtype for inversion and rendering (``None``: fp16 on CUDA, fp32
+            elsewhere); recorded as ``generator.dtype``, the dtype the labels were computed in.
         check_order: stop if the teacher's logits are in another class order than the data (guards.py).
-        min_agreement: stop (no archive) when a class's teacher agreement on regenerated patches is
-            below this fraction; ``None``: only warn.
+        min_agreement: no archive when a class's teacher agreement on regenerated patches is below
+            this fraction (checked once, when the archive is written; a shard records and reports
+            its classes below it and goes on); ``None``: only warn.
         progress: show a progress bar over the classes.
     """
 
     shard: tuple[int, int] = (0, 1)
     device: str | None = None
+    dtype: str | None = None
     check_order: bool = True
     min_agreement: float | None = None
     progress: bool = True
@@ -135,11 +142,18 @@ def check_settings(s: BuildSettings, run: RunOptions = RunOptions()) -> None:
         positive(pat.n_crops, "--n-crops"),
         positive(pat.max_images, "--max-images"),
         (0 <= run.shard[0] < run.shard[1], f"--shard {run.shard[0]}/{run.shard[1]}: need 0 <= i < n"),
+        (run.dtype is None or run.dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, "
+                                                         f"got {run.dtype!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise D3MError(message)
     check_min_agreement(run.min_agreement)
+    try:
+        check_variant(s.variant)
+    except D3MError:
+        raise D3MError(f"--variant must be a weight-file variant name such as fp16 (letters, digits, '_', '-'), "
+                       f"got {s.variant!r}"[:300]) from None
 
 
 @dataclass(frozen=True)

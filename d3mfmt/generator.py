@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from . import accel
+from .cpucost import cpu_cost_message
 from .devices import check_device, default_device
-from .schedulers import PIPELINES, check_scheduler_config
+from .schedulers import PIPELINES, SCHEDULER_KEYS, check_scheduler_config
 from .errors import D3MError, D3MModelError
 from .manifest import GeneratorInfo
 from .modelpin import check_pin, model_files, render_files
@@ -245,6 +246,9 @@ class Regenerator:
                                  self.settings.variant)
         self.pipe = _with_scheduler(shared, generator.scheduler, generator.scheduler_config)
         self._check_embeddings(embeddings)
+        cost = cpu_cost_message(self.pipe, generator.latent_shape, generator.steps, generator.guidance_scale)
+        if cost is not None:  # once per process
+            warnings.warn(cost[0], RuntimeWarning, stacklevel=2)
         self.embeddings = embeddings
         self._prompt_cache: dict[int, torch.Tensor] = {}
         self._negative: torch.Tensor | None = None
@@ -339,6 +343,23 @@ class Regenerator:
         images, redone = accel.decode_latents(self.pipe, latents)
         self.fp32_redecodes += redone
         return quantize_8bit(images.to("cpu"))
+
+
+def applied_scheduler_config(pipe, scheduler: str, config: dict) -> dict:
+    """The config ``Regenerator`` really renders with for (``scheduler``, ``config``) on ``pipe``'s modules.
+
+    ``StableDiffusionPipeline`` rewrites some values of the scheduler it is given
+    (``clip_sample`` true -> false, ``steps_offset`` -> 1, deprecations of old
+    configs); a manifest that records the config before that rewrite describes
+    a render no one does. The result is a fixed point: rendering it applies it unchanged.
+    """
+    with warnings.catch_warnings():  # the pipeline's deprecation notes about the rewritten keys
+        warnings.simplefilter("ignore", FutureWarning)
+        applied = _with_scheduler(pipe, scheduler, config).scheduler.config
+    # keys the scheduler does not take (a PNDM config's skip_prk_steps carried into DDIM) change nothing
+    # in the render, and the format refuses them
+    taken = SCHEDULER_KEYS.get(scheduler, {})
+    return {k: v for k, v in applied.items() if k in taken}
 
 
 def _with_scheduler(shared, scheduler: str, config: dict, unet=None):

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import style_shift  # noqa: E402
 
 from builder.inversion import InversionSettings, invert_class_token  # noqa: E402
-from builder.pipeline import generator_info, native_resolution  # noqa: E402
+from builder.model import generator_info, native_resolution  # noqa: E402
 from builder.settings import DEMO_MODEL, BuildSettings, model_defaults, resolve_settings  # noqa: E402
 from builder.labelling import class_seeds, render_and_label  # noqa: E402
 from builder.patches import make_collages, select_patches  # noqa: E402
 from d3mfmt import RenderOptions  # noqa: E402
 from d3mfmt.generator import Regenerator, default_dtype, shared_pipeline  # noqa: E402
-from d3mfmt.modelpin import model_identity  # noqa: E402
+from d3mfmt.modelpin import model_files, model_identity  # noqa: E402
 from d3mfmt.models import resolve_model  # noqa: E402
 
 _D = model_defaults(DEMO_MODEL)
@@ -76,7 +76,7 @@ def main() -> None:
     for source in args.sources:
         src, teacher_name, teacher, *_ = style_shift.prepare(source, Path("out/style"))
         s = resolve_settings(BuildSettings(model=DEMO_MODEL, teacher=teacher_name, ipc=10), native_resolution(pipe))
-        gen = generator_info(s, pipe, path)
+        gen = generator_info(s, pipe, model_files(path), default_dtype("cpu"))
         for c in args.classes:
             name = src.classes[c].name
             for config in args.configs:

@@ -5,6 +5,7 @@ The class-order rule is tested on confusion matrices directly; the CLI builds he
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import d3mfmt
 from builder.cli import main
 from builder.guards import best_assignment, check_class_order, domain_problems, teacher_confusion
 from builder.sources import ImageFolderSource, read_class_list
+from builder.workdir import Workdir
 from d3mfmt import ClassInfo, D3MError
 
 
@@ -73,7 +75,8 @@ def test_permuted_teacher_stops_before_inversion_and_the_suggested_order_passes(
     assert "--classes" in result.stderr and "Traceback" not in result.output
     suggestion = tmp_path / "x.classes.txt"
     assert suggestion.read_text() == "c_blue\na_red\nb_green\n"
-    assert not out.exists() and not (tmp_path / "x.d3m.work").exists()  # nothing built, nothing half-written
+    # nothing built, nothing half-written: the work directory holds only the preflight (no record, no class)
+    assert not out.exists() and [p.name for p in (tmp_path / "x.d3m.work").iterdir()] == ["preflight.json"]
     # in the suggested order the teacher takes every folder for its own class
     ids, names = read_class_list(suggestion)
     counts = teacher_confusion(ImageFolderSource(data, ids, names), build_permuted_teacher(), 16, "cpu")
@@ -217,15 +220,40 @@ def test_class_list_files_empty_non_utf8_and_spaces(tmp_path):
     assert read_class_list(tmp_path / "tabs.txt") == (["my folder", "plain"], ["My Name", "other name"])
 
 
-def test_min_agreement_holds_for_resumed_shard_classes(tiny_model, data, tmp_path):
+def test_a_shard_records_classes_below_min_agreement_and_goes_on(tiny_model, data, tmp_path):
     args = [str(data), "-o", str(tmp_path / "s.d3m"), *tiny_args(tiny_model), "--shard", "0/3", "--min-agreement", "1"]
     first = CliRunner().invoke(main, args)
-    second = CliRunner().invoke(main, args)  # the failing class is checkpointed: a rerun must not skip the check
-    assert first.exit_code == second.exit_code == 1 and "below --min-agreement 1" in second.stderr
-    assert f"finished classes stay in {tmp_path / 's.d3m.work'}" in first.stderr
+    second = CliRunner().invoke(main, args)  # resumed: the recorded class is reported again, not skipped
+    for result in (first, second):
+        assert result.exit_code == 0, result.output
+        assert "1 of this shard's 1 classes are below --min-agreement 1: 'a_red' 0% (real 100%)" in result.stderr
+        assert "the merge with --min-agreement will refuse them" in result.stderr
+        assert "--min-agreement 1" in result.stderr.split("d3m-build merge")[1]  # the merge command keeps it
+    assert (tmp_path / "s.d3m.work" / "classes" / "000000.safetensors").is_file() and not (tmp_path / "s.d3m").exists()
     ok = CliRunner().invoke(main, [*args[:-2], "--labels", "topk", "--k", "2"])
     assert ok.exit_code == 0, ok.output
     assert "d3m-build merge" in ok.stderr and "--label-kind topk --k 2 --values u8sqrt" in ok.stderr
+    assert "below --min-agreement" not in ok.stderr
+
+
+def test_a_single_run_enforces_min_agreement_once_at_the_end(tiny_build, tiny_model, image_folder, tmp_path):
+    """Every class is built (here: resumed from the shared build), then the archive is refused, naming them."""
+    from conftest import tiny_build_args
+
+    regen = {c: Workdir(tiny_build.workdir, create=False).load_class(i)[1]["regenerated"]
+             for i, c in enumerate(("a_red", "b_green", "c_blue"))}
+    wd = shutil.copytree(tiny_build.workdir, tmp_path / "wd")
+    out = tmp_path / "tiny.d3m"  # the shared build's name: the same archive once accepted
+    result = CliRunner().invoke(main, [str(image_folder), "-o", str(out), *tiny_build_args(tiny_model),
+                                       "--workdir", str(wd), "--min-agreement", "1"])
+    assert result.exit_code == 1 and not out.exists()
+    message = result.stderr.strip().splitlines()[-1]
+    below = [c for c, r in regen.items() if r < 1]
+    assert below and below[0] == "a_red", regen  # the premise: some class renders below 100% for the teacher
+    assert f"below --min-agreement 1 for {len(below)} of 3 classes: 'a_red' {100 * regen['a_red']:.0f}%" in message
+    assert f"every class stays finished in {wd}" in message and f"`d3m-build merge {wd} -o OUT`" in message
+    accepted = CliRunner().invoke(main, ["merge", str(wd), "-o", str(out)])
+    assert accepted.exit_code == 0 and out.read_bytes() == tiny_build.out.read_bytes()
 
 
 def test_empty_preview_selection_is_an_error(tmp_path):

@@ -53,3 +53,39 @@ class PermutedLogits(torch.nn.Module):
 
     def forward(self, x):
         return self.inner(x)[:, self.order]
+
+
+DIGITS = ("zero", "one", "two")
+
+
+def build_digit_teacher():
+    """The built-in mnist-cnn restricted to the digits 0, 1, 2 (for :func:`make_digit_folder`)."""
+    from builder.teachers import load_teacher
+
+    return FirstLogits(load_teacher("mnist-cnn"), len(DIGITS))
+
+
+class FirstLogits(torch.nn.Module):
+    def __init__(self, inner, n):
+        super().__init__()
+        self.inner, self.n = inner, n
+
+    def forward(self, x):
+        return self.inner(x)[:, : self.n]
+
+
+def make_digit_folder(root: Path, per_class: int = 8) -> Path:
+    """An ImageFolder of real MNIST train digits 0, 1, 2 (folders zero/, one/, two/) as 28-px PNG files."""
+    from d3mfmt.mnist import load_mnist
+
+    images, labels = load_mnist("train")
+    for digit, name in enumerate(DIGITS):
+        (root / name).mkdir(parents=True)
+        for i, pixels in enumerate(images[labels == digit][:per_class]):
+            Image.fromarray(pixels.astype(np.uint8)).convert("RGB").save(root / name / f"{i:03d}.png")
+    return root
+
+
+def build_teacher2():
+    """:class:`ChannelTeacher` for two classes (red, green)."""
+    return ChannelTeacher(2)
