@@ -26,7 +26,9 @@ from .archive import Archive, load_members
 from .errors import D3MError
 from .files import atomic_folder, check_new_folder, safe_file_name, write_atomic
 from .models import BUILTIN_NAMESPACE
+from .labels import MAX_LABEL_TABLE
 from .render import RenderOptions
+from .renderable import RenderLimits
 from .summary import summarize
 
 # Defaults (the CLI's too)
@@ -51,6 +53,11 @@ HUB_LICENSES = frozenset(
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")  # inline markup, links, HTML, table cells
+# what GFM renderers (GitHub's cmark-gfm, the Hub's) link without any markup: scheme://, www., user@host.
+# A backslash escape stops the first two; an e-mail address is matched after escapes are resolved, so a
+# word joiner (U+2060, invisible) after its '@' breaks it instead.
+_AUTOLINK = re.compile(r"(?i)(?<=[a-z0-9+.-])(:)(?=/)|(@)|(?<=\bwww)(\.)")
+WORD_JOINER = "&#8288;"
 _MD_LEADING = re.compile(r"^(?:([#+\-=])|(\d+)([.)]))(?=\s|$)")  # what opens a heading or list at a line start
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -66,8 +73,10 @@ def one_line(text, limit: int = MAX_VALUE_CHARS) -> str:
 
 
 def md_escape(text, limit: int = MAX_VALUE_CHARS) -> str:
-    """Untrusted text as inert Markdown: one line, inline markup escaped, no heading or list opened."""
+    """Untrusted text as inert Markdown: one line, inline markup escaped, no heading or list opened,
+    no URL or e-mail address autolinked (``https\\://``, ``www\\.``, ``a@&#8288;b``: the same text once rendered)."""
     text = _MD_SPECIAL.sub(r"\\\1", one_line(text, limit))
+    text = _AUTOLINK.sub(lambda m: "@" + WORD_JOINER if m[2] else "\\" + m[0], text)
     return _MD_LEADING.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", text)
 
 
@@ -217,7 +226,8 @@ def _model_needs(gen) -> str:
     )
 
 
-def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, preview: bool = True) -> str:
+def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, preview: bool = True,
+              max_label_bytes: int = MAX_LABEL_TABLE, render_limits: RenderLimits | None = None) -> str:
     """The README.md of a dataset card: YAML front matter, then the body, from the archive's manifest.
 
     Args:
@@ -225,6 +235,7 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
         file_name: the archive's file name in the card folder.
         repo_id: ``ORG/NAME`` of the hub dataset; the loading snippet then uses its hf:// id.
         preview: the folder holds preview.png.
+        max_label_bytes, render_limits: as for ``d3mfmt.load``.
 
     Example:
         >>> text = card_text(open("spec/vectors/topk.d3m", "rb").read(), "topk.d3m")   # doctest: +SKIP
@@ -234,7 +245,7 @@ def card_text(data: bytes, file_name: str, *, repo_id: str | None = None, previe
     import yaml
 
     members = container.read_zip(data)
-    archive = load_members(members)
+    archive = load_members(members, max_label_bytes=max_label_bytes, render_limits=render_limits)
     file_bytes, file_sha256 = len(data), hashlib.sha256(data).hexdigest()
     s = summarize(archive, {name: len(b) for name, b in members.items()}, file_bytes)
     m = archive.manifest
@@ -321,7 +332,8 @@ def _provenance_sections(m, ref: str, repo_id: str | None) -> list[str]:
 
 def write_card(source, out_dir: str | os.PathLike, *, repo_id: str | None = None,
                render: RenderOptions = RenderOptions(), cache_dir: str | os.PathLike | None = None,
-               preview_classes: int = CARD_PREVIEW_CLASSES, per_class: int = CARD_PREVIEW_PER_CLASS) -> Path:
+               preview_classes: int = CARD_PREVIEW_CLASSES, per_class: int = CARD_PREVIEW_PER_CLASS,
+               max_label_bytes: int = MAX_LABEL_TABLE) -> Path:
     """Write a dataset-card folder: the archive, ``preview.png`` and ``README.md``.
 
     The folder is assembled beside ``out_dir`` and renamed into place, so a
@@ -333,6 +345,7 @@ def write_card(source, out_dir: str | os.PathLike, *, repo_id: str | None = None
         repo_id: ``ORG/NAME`` the card will be uploaded to (used in the loading snippet).
         render, cache_dir: how the preview renders, as for ``D3MDataset``.
         preview_classes, per_class: rows and columns of ``preview.png``.
+        max_label_bytes: as for ``D3MDataset`` (``render.limits`` bounds the render cost).
 
     Returns:
         ``out_dir`` as a Path.
@@ -345,17 +358,21 @@ def write_card(source, out_dir: str | os.PathLike, *, repo_id: str | None = None
     out = Path(out_dir)
     if repo_id is not None and (not isinstance(repo_id, str) or not _REPO_ID.match(repo_id)):
         raise D3MError(f"repo_id must look like 'org/name', got {repo_id!r}")
-    for name, value in (("preview_classes", preview_classes), ("per_class", per_class)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise D3MError(f"{name} must be a positive integer, got {value!r}")
+    from .export import MAX_PREVIEW_CLASSES, MAX_PREVIEW_PER_CLASS
+
+    for name, value, most in (("preview_classes", preview_classes, MAX_PREVIEW_CLASSES),
+                              ("per_class", per_class, MAX_PREVIEW_PER_CLASS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise D3MError(f"{name} must be an integer in 1..{most}, got {value!r}")
     check_new_folder(out)
     from .dataset import D3MDataset
 
-    dataset = D3MDataset(source, render=render, cache_dir=cache_dir)
+    dataset = D3MDataset(source, render=render, cache_dir=cache_dir, max_label_bytes=max_label_bytes)
     # 2. the archive's bytes and the card's text, before anything is written
     data = container.read_bytes(dataset.path)
     file_name = safe_file_name(Path(dataset.path).name, default="archive", suffix=".d3m")
-    text = card_text(data, file_name, repo_id=repo_id)
+    text = card_text(data, file_name, repo_id=repo_id, max_label_bytes=max_label_bytes,
+                     render_limits=dataset.render.limits)
     # 3. assemble in a temporary folder beside out_dir, then rename it into place
     from .export import preview_grid
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -20,15 +19,19 @@ import click
 
 from . import container
 from .archive import load_members
+from .downloads import DownloadLimits
 from .errors import D3MError, D3MFormatError
+from .labels import MAX_LABEL_PAYLOAD, MAX_LABEL_TABLE
 from .render import DTYPE_NAMES, RenderOptions
-from .summary import check as check_archive, render_text, summarize
+from .renderable import RenderLimits
+from .summary import check as check_archive, render_text, summarize, summary_json
 from .terminal import printable
 from .verify import DEFAULT_TOLERANCE
 
 # transformers announces at import that torchvision is absent; a CLI user does not need that
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+DEFAULT_DOWNLOAD = DownloadLimits()
 PREVIEW_PER_CLASS = 8  # columns of `preview` (the card's default is card.CARD_PREVIEW_PER_CLASS, also 8)
 SUBCOMMANDS = "summary, check, verify, preview, export images, export embeddings, card"
 # the single-command spellings before subcommands, and what replaced them
@@ -108,20 +111,31 @@ class _Group(click.Group):
 _Group.group_class = _Group
 
 
+TRUSTED = RenderLimits(evaluations=None, latent_pixels=None, per_image=None, total=None)  # --trust-render-cost
+
+
 @dataclass(frozen=True)
 class _Source:
-    """Where the archive comes from: the source options of every subcommand."""
+    """Where the archive comes from and what reading it may cost: the source options of every subcommand."""
 
     ref: str
     allow_download: bool
     sha256: str | None
     allow_unpinned: bool
+    download: DownloadLimits
+    max_label_bytes: int
+    render_limits: RenderLimits | None  # None: the reader's defaults
 
     def local(self) -> str:
         from .sources import resolve_archive
 
         return str(resolve_archive(self.ref, allow_download=self.allow_download, sha256=self.sha256,
-                                   allow_unpinned=self.allow_unpinned))
+                                   allow_unpinned=self.allow_unpinned, download_limits=self.download))
+
+    @property
+    def limits(self) -> dict:
+        """The reading keywords of ``d3mfmt.load`` and ``summary.check``."""
+        return {"max_label_bytes": self.max_label_bytes, "render_limits": self.render_limits}
 
 
 def _archive_input(render: bool = False, cache: bool = False):
@@ -139,6 +153,15 @@ def _archive_input(render: bool = False, cache: bool = False):
         click.option("--sha256", help="Expected sha256 of the archive file (for a URL: instead of #sha256=...)."),
         click.option("--allow-unpinned", is_flag=True,
                      help="Accept a URL without a sha256 (fetched every time, unverified)."),
+        click.option("--download-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_DOWNLOAD.timeout_s,
+                     show_default=True, metavar="SECONDS", help="Longest wait of one network operation."),
+        click.option("--download-deadline", type=click.FloatRange(min=0, min_open=True),
+                     default=DEFAULT_DOWNLOAD.deadline_s, show_default=True, metavar="SECONDS",
+                     help="Longest time a whole download may take."),
+        click.option("--max-label-bytes", type=click.IntRange(min=1, max=MAX_LABEL_PAYLOAD), default=MAX_LABEL_TABLE,
+                     show_default=True, help="Cap on the decoded label table; raise it for a trusted dense archive."),
+        click.option("--trust-render-cost", is_flag=True,
+                     help="Lift the bounds on the render cost an archive may ask (steps, size, images)."),
     ]
     if render:
         options += [
@@ -158,13 +181,16 @@ def _archive_input(render: bool = False, cache: bool = False):
 
     def decorator(f):
         @functools.wraps(f)
-        def command(path, allow_download, sha256, allow_unpinned, **kwargs):
-            source = _Source(path, allow_download, sha256, allow_unpinned)
+        def command(path, allow_download, sha256, allow_unpinned, download_timeout, download_deadline,
+                    max_label_bytes, trust_render_cost, **kwargs):
+            source = _Source(path, allow_download, sha256, allow_unpinned,
+                             DownloadLimits(download_timeout, download_deadline), max_label_bytes,
+                             TRUSTED if trust_render_cost else None)
             if render:
                 kwargs["render"] = RenderOptions(
                     model=kwargs.pop("model"), device=kwargs.pop("device"), dtype=kwargs.pop("dtype"),
                     allow_model_mismatch=kwargs.pop("allow_model_mismatch"), allow_download=allow_download,
-                    compile=kwargs.pop("compile_unet"), variant=kwargs.pop("variant"),
+                    compile=kwargs.pop("compile_unet"), variant=kwargs.pop("variant"), limits=source.render_limits,
                 )
             with _reporting(path):
                 return f(source=source, **kwargs)
@@ -201,15 +227,15 @@ def summary(source: _Source, as_json: bool) -> None:
     """Summarise FILE: classes, generator, teacher, labels, members (the default subcommand)."""
     data = container.read_bytes(source.local())
     members = container.read_zip(data)
-    s = summarize(load_members(members), {name: len(b) for name, b in members.items()}, len(data))
-    click.echo(json.dumps(s, indent=1) if as_json else render_text(s))
+    s = summarize(load_members(members, **source.limits), {name: len(b) for name, b in members.items()}, len(data))
+    click.echo(summary_json(s) if as_json else render_text(s))
 
 
 @inspect_main.command()
 @_archive_input()
 def check(source: _Source) -> None:
     """Validate everything in FILE; exit 0 if valid, 1 with one line per problem otherwise."""
-    problems = check_archive(container.read_bytes(source.local()))
+    problems = check_archive(container.read_bytes(source.local()), **source.limits)
     for problem in problems:
         click.echo(printable(f"{source.ref}: {problem}"), err=True)
     if problems:
@@ -227,7 +253,7 @@ def verify(source: _Source, render: RenderOptions, n_images: int, tolerance: int
     from .archive import load_file
     from .verify import verify as measure_drift
 
-    archive = load_file(source.local())
+    archive = load_file(source.local(), **source.limits)
     report = measure_drift(archive, render, n_images, tolerance)
     for line in report.lines([c.name for c in archive.manifest.dataset.classes]):
         click.echo(line)
@@ -238,7 +264,8 @@ def verify(source: _Source, render: RenderOptions, n_images: int, tolerance: int
 def _dataset(source: _Source, render: RenderOptions, cache_dir, unit: str = "patch"):
     from .dataset import D3MDataset
 
-    return D3MDataset(source.local(), unit=unit, cache_dir=cache_dir, render=render)
+    return D3MDataset(source.local(), unit=unit, cache_dir=cache_dir, render=render,
+                      max_label_bytes=source.max_label_bytes)
 
 
 @inspect_main.command()
@@ -248,11 +275,16 @@ def _dataset(source: _Source, render: RenderOptions, cache_dir, unit: str = "pat
 @click.option("--per-class", type=int, default=PREVIEW_PER_CLASS, show_default=True, help="Images per class.")
 def preview(source: _Source, render: RenderOptions, cache_dir, out: str, classes: str | None, per_class: int) -> None:
     """Write a PNG grid of FILE's regenerated images, with each patch's stored top-1 label."""
-    from .export import preview_grid, write_png
+    from .export import MAX_PREVIEW_CLASSES, preview_grid, write_png
 
     ds = _dataset(source, render, cache_dir)
     ids = [c.id for c in ds.archive.manifest.dataset.classes]
-    write_png(preview_grid(ds, _parse_classes(classes, ds.classes, ids), per_class), out)
+    chosen = _parse_classes(classes, ds.classes, ids)
+    if classes is None and len(chosen) > MAX_PREVIEW_CLASSES:
+        chosen = chosen[:MAX_PREVIEW_CLASSES]
+        click.echo(f"d3m-inspect: showing the first {MAX_PREVIEW_CLASSES} of {len(ds.classes)} classes (the most "
+                   "one sheet holds); choose others with --select", err=True)
+    write_png(preview_grid(ds, chosen, per_class), out)
     click.echo(printable(f"wrote {out}"))
 
 
@@ -282,7 +314,7 @@ def export_embeddings(source: _Source, out: str) -> None:
     from .archive import load_file
     from .export import export_embeddings as write_embeddings
 
-    files = write_embeddings(load_file(source.local()), out)
+    files = write_embeddings(load_file(source.local(), **source.limits), out)
     click.echo(printable(f"wrote {len(files)} textual-inversion files to {out}"))
 
 
@@ -296,7 +328,8 @@ def card(source: _Source, render: RenderOptions, cache_dir, out: str, repo_id: s
     """Write a dataset-card folder for FILE (archive, preview.png, README.md) ready for huggingface-cli upload."""
     from .card import write_card
 
-    write_card(source.local(), out, repo_id=repo_id, render=render, cache_dir=cache_dir, per_class=per_class)
+    write_card(source.local(), out, repo_id=repo_id, render=render, cache_dir=cache_dir, per_class=per_class,
+               max_label_bytes=source.max_label_bytes)
     click.echo(printable(f"wrote a dataset card to {out}"))
 
 
@@ -306,7 +339,7 @@ def _parse_classes(spec: str | None, names: list[str], ids: list[str]) -> list[i
         return list(range(len(names)))
     out = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if part.isdigit() and int(part) < len(names):
+        if part.isascii() and part.isdigit() and int(part) < len(names):  # not '²', which isdigit() takes
             out.append(int(part))
         elif part in ids:
             out.append(ids.index(part))

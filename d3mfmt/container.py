@@ -11,6 +11,7 @@ comment, flag, gap or trailing byte (SPEC.md's numbered MUST-reject list).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -211,8 +212,14 @@ def _local_member(data: memoryview, name: str, e: dict, limit: int) -> tuple[mem
     return body, stop
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """The whole regular file, read once; a clear error when it is not one."""
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike):
+    """``(unbuffered binary file, size)`` of a regular file of at most MAX_ARCHIVE_BYTES; D3MFormatError otherwise.
+
+    The size and kind are checked from ``fstat`` before a byte is read, so a
+    16 GiB (sparse) file, a FIFO or a device is refused at once, whatever the
+    caller does with the file next (read it, hash it).
+    """
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
@@ -233,16 +240,22 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         if st.st_size > MAX_ARCHIVE_BYTES:
             raise D3MFormatError(f"{path}: {st.st_size} bytes exceeds the 4 GiB limit of format 1.x")
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-            # the magic and the end record first, so a large file that is no archive is never read whole
-            check_head(f.read(HEAD_BYTES))
-            f.seek(max(st.st_size - END_RECORD.size, 0))
-            check_end(f.read(END_RECORD.size), st.st_size)
-            f.seek(0)
-            data = f.read(st.st_size + 1)  # one byte more than stat says: a growing file shows up here
+            yield f, st.st_size
     except OSError as exc:
         raise D3MFormatError(f"{path}: cannot be read ({exc.strerror})") from None
     finally:
         os.close(fd)
-    if len(data) != st.st_size:
-        raise D3MFormatError(f"{path}: read {len(data)} bytes but the file has {st.st_size}; it changed while being read")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole regular file, read once; a clear error when it is not one."""
+    with open_regular(path) as (f, size):
+        # the magic and the end record first, so a large file that is no archive is never read whole
+        check_head(f.read(HEAD_BYTES))
+        f.seek(max(size - END_RECORD.size, 0))
+        check_end(f.read(END_RECORD.size), size)
+        f.seek(0)
+        data = f.read(size + 1)  # one byte more than stat says: a growing file shows up here
+    if len(data) != size:
+        raise D3MFormatError(f"{path}: read {len(data)} bytes but the file has {size}; it changed while being read")
     return data

@@ -39,6 +39,7 @@ from .archive import Archive, load_file
 from .distributed import barrier, rank_and_world
 from .errors import D3MError
 from .files import cache_root
+from .labels import MAX_LABEL_TABLE
 from .generator import (
     DEFAULT_RENDER_BATCH,
     Regenerator,
@@ -71,8 +72,12 @@ class D3MDataset(torch.utils.data.Dataset):
             default CUDA+fp16 when available, on ``cuda:LOCAL_RANK`` under torchrun or
             accelerate, else CPU+fp32). Its ``allow_download`` also lets a hub or URL
             archive be fetched.
+            Its ``limits`` (:class:`d3mfmt.RenderLimits`) bound the render cost accepted,
+            when the archive loads and again for the model loaded.
         render_batch: images per generation call; a call mixes classes to fill it.
         sha256: expected sha256 of the archive file (instead of a URL fragment).
+        max_label_bytes: the cap on the decoded label table (as for ``d3mfmt.load``;
+            raise it, up to the format's 2 GiB, for a trusted, dense archive).
 
     Attributes:
         memory_cache_bytes: the bound of each process's LRU of decoded 8-bit
@@ -93,12 +98,14 @@ class D3MDataset(torch.utils.data.Dataset):
         render: RenderOptions = RenderOptions(),
         render_batch: int = DEFAULT_RENDER_BATCH,
         sha256: str | None = None,
+        max_label_bytes: int = MAX_LABEL_TABLE,
     ):
         # 1. check inputs; the device before anything else is resolved
         if unit not in UNITS:
             raise D3MError(f"unit must be one of {list(UNITS)}, got {unit!r}")
-        if not isinstance(render_batch, int) or render_batch < 1:
-            raise D3MError(f"render_batch must be a positive integer, got {render_batch!r}")
+        for name, value in (("render_batch", render_batch), ("max_label_bytes", max_label_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise D3MError(f"{name} must be a positive integer, got {value!r}")
         render = checked(render)
         device = render.device or default_device()
         check_device(device)
@@ -108,7 +115,8 @@ class D3MDataset(torch.utils.data.Dataset):
         self.unit, self.transform, self.render_batch = unit, transform, render_batch
         self.target_transform = target_transform
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "images"
-        self._archive: Archive | None = load_file(self.path)
+        self.max_label_bytes = max_label_bytes
+        self._archive: Archive | None = self._load()
         ds = self._archive.manifest.dataset
         self.num_classes, self.ipc, self.grid = ds.num_classes, ds.ipc, ds.grid
         self.classes = [c.name for c in ds.classes]
@@ -128,14 +136,18 @@ class D3MDataset(torch.utils.data.Dataset):
     @property
     def archive(self) -> Archive:
         if self._archive is None:
-            self._archive = load_file(self.path)
+            self._archive = self._load()
         return self._archive
+
+    def _load(self) -> Archive:
+        return load_file(self.path, max_label_bytes=self.max_label_bytes, render_limits=self.render.limits)
 
     @property
     def regenerator(self) -> Regenerator:
         """The renderer, created on first use (loads the model)."""
         if self._regen is None:
-            self._regen = Regenerator(self.archive.manifest.generator, self.archive.embeddings, self.render)
+            self._regen = Regenerator(self.archive.manifest.generator, self.archive.embeddings, self.render,
+                                      num_images=self.num_classes * self.ipc)
         return self._regen
 
     @property

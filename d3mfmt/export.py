@@ -13,6 +13,11 @@ from .errors import D3MError
 from .files import atomic_folder, safe_file_name, write_atomic
 
 TOKEN_FORMAT = "<d3m-{}>"  # the placeholder token an exported embedding is loaded under
+# One preview sheet holds at most this many rows (classes) and columns (images per class): 64 x 32 cells of
+# 132 px are 8,448 x 4,334 px, 110 MB of RGB; an archive of 100,000 classes would otherwise ask for 40+ GB.
+MAX_PREVIEW_CLASSES = 64
+MAX_PREVIEW_PER_CLASS = 32
+MAX_PREVIEW_CELL = 512
 
 
 def class_folder(index: int, name: str) -> str:
@@ -80,10 +85,17 @@ def preview_grid(dataset, classes: list[int], per_class: int = 8, cell: int = 12
     """A row per class: its name, then up to ``per_class`` regenerated images.
 
     Each patch of each image carries its stored top-1 label and probability.
+    The sheet is bounded before anything is rendered or allocated: at most
+    :data:`MAX_PREVIEW_CLASSES` classes and :data:`MAX_PREVIEW_PER_CLASS` images per
+    class (make several sheets for more).
     """
-    for arg, value in (("per_class (d3m-inspect: --per-class)", per_class), ("cell", cell)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise D3MError(f"{arg} must be a positive integer, got {value!r}")
+    for arg, value, most in (("per_class (d3m-inspect: --per-class)", per_class, MAX_PREVIEW_PER_CLASS),
+                             ("cell", cell, MAX_PREVIEW_CELL)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+            raise D3MError(f"{arg} must be an integer in 1..{most}, got {value!r}")
+    if not classes or len(classes) > MAX_PREVIEW_CLASSES:
+        raise D3MError(f"a preview sheet shows 1..{MAX_PREVIEW_CLASSES} classes, {len(classes)} were asked for; "
+                       "choose them (d3m-inspect preview: --select 0,5,cat) and make several sheets for more")
     font = ImageFont.load_default()
     per_class = min(per_class, dataset.ipc)
     label_w, g = 110, dataset.grid

@@ -37,6 +37,7 @@ from .modelpin import check_pin, model_files, render_files
 from .models import resolve_model
 from .prompts import encode_class_prompt, encode_text
 from .render import DTYPE_NAMES, RenderOptions, checked
+from .renderable import RenderLimits, check_cost
 
 DEFAULT_RENDER_BATCH = 16  # images per pipeline call (D3MDataset, d3m-inspect verify and preview)
 CPU_CALL_ROWS = 2  # images in every CPU pipeline call, whatever was asked for (see Regenerator.render_pairs)
@@ -232,11 +233,18 @@ class Regenerator:
         render: model, device, dtype and switches (:class:`d3mfmt.RenderOptions`;
             default: the archive's model, CUDA+fp16 when available, else CPU+fp32).
             With ``compile=True`` the first call per batch shape compiles, minutes on a GPU.
+        num_images: the images of the archive, for the total render cost (default: one per class).
+
+    The render cost is checked against ``render.limits`` or, by default,
+    ``RenderLimits.for_model`` of the UNet actually loaded, before anything renders
+    (SPEC.md "Render cost"): a small model named by another path is bounded by its own size.
     """
 
-    def __init__(self, generator: GeneratorInfo, embeddings: np.ndarray, render: RenderOptions | None = None):
+    def __init__(self, generator: GeneratorInfo, embeddings: np.ndarray, render: RenderOptions | None = None, *,
+                 num_images: int | None = None):
         # 1. check inputs; resolve the model and compare it with the archive's pin
         self.info = generator
+        render = checked(render)
         self.model_path, self.settings = resolve_render_settings(generator, render)
         self.device, self.dtype = self.settings.device, self.settings.dtype
         check_device(self.device)
@@ -246,6 +254,7 @@ class Regenerator:
                                  self.settings.variant)
         self.pipe = _with_scheduler(shared, generator.scheduler, generator.scheduler_config)
         self._check_embeddings(embeddings)
+        self._check_cost(render.limits, len(embeddings) if num_images is None else num_images)
         cost = cpu_cost_message(self.pipe, generator.latent_shape, generator.steps, generator.guidance_scale)
         if cost is not None:  # once per process
             warnings.warn(cost[0], RuntimeWarning, stacklevel=2)
@@ -270,6 +279,13 @@ class Regenerator:
                 f"the archive's embeddings are {embeddings.shape[2]} wide, the text encoder of "
                 f"{self.model_path} takes {width}; the archive was made for another model"
             )
+
+    def _check_cost(self, limits: RenderLimits | None, num_images: int) -> None:
+        """The render cost against ``limits``, by default the loaded UNet's own (``RenderLimits.for_model``)."""
+        side = self.pipe.unet.config.sample_size
+        side = side if isinstance(side, int) else min(side)  # some configs give [height, width]
+        where = "the reader" if limits is not None else f"the loaded model ({self.model_path}, UNet sample size {side})"
+        check_cost(self.info, num_images, RenderLimits.for_model(side) if limits is None else limits, limit_of=where)
 
     def prompt_embeds(self, c: int) -> torch.Tensor:
         """SPEC step 3: the class's prompt embedding ``[1, L, D']``, cached per class."""

@@ -286,7 +286,8 @@ def decompress(frame: bytes, encoding: LabelEncoding, rows: int, num_classes: in
     if expected > max_bytes:
         raise D3MFormatError(
             f"{where}: decoded label table of {expected} bytes exceeds this reader's cap of {max_bytes} bytes; "
-            f"if the archive is trusted, raise max_label_bytes (up to {MAX_LABEL_PAYLOAD})"
+            f"if the archive is trusted, raise it (up to {MAX_LABEL_PAYLOAD}): max_label_bytes=... for "
+            "d3mfmt.load_file and D3MDataset, --max-label-bytes for d3m-inspect"
         )
     # 1. the frame header must declare exactly the size the manifest implies,
     #    checked before anything is allocated for the output

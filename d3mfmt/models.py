@@ -93,19 +93,22 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 # Checks: hub ids, revisions, the pipeline index, single files
 # ---------------------------------------------------------------------------
 
-def check_hub_id(model_id: str) -> None:
-    """Raise D3MModelError unless ``model_id`` is a valid hub id ``org/name`` (huggingface_hub's own rules)."""
+def check_hub_id(model_id: str, what: str = "model") -> None:
+    """Raise D3MModelError unless ``model_id`` is a valid hub id ``org/name`` (huggingface_hub's own rules).
+
+    ``what`` names the kind of repository in the message (``"model"``, ``"dataset"``).
+    """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     shown = repr(model_id)[:200]
     if not _HUB_ID.match(model_id):
-        raise D3MModelError(f"model {shown} is not a Hugging Face hub id of the form 'org/name'")
+        raise D3MModelError(f"{what} {shown} is not a Hugging Face hub id of the form 'org/name'")
     try:
         validate_repo_id(model_id)
     except HFValidationError as err:
         rule = str(err).split(":")[0]
-        raise D3MModelError(f"model {shown} is not a valid Hugging Face hub id ({rule}); "
+        raise D3MModelError(f"{what} {shown} is not a valid Hugging Face hub id ({rule}); "
                             "ids are 'org/name', at most 96 characters of letters, digits, '-', '_' and '.', "
                             "without '--' or '..'") from None
 

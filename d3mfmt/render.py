@@ -1,6 +1,6 @@
 """``RenderOptions``: how to render an archive's images, as one value.
 
-The same six choices travel from ``d3m-inspect`` and user code through
+The same choices travel from ``d3m-inspect`` and user code through
 ``D3MDataset``, the card writer and ``Regenerator`` down to
 ``resolve_render_settings``; they are one frozen value so that a new option
 touches one class. Importing this module imports no torch.
@@ -8,7 +8,7 @@ touches one class. Importing this module imports no torch.
 Example:
     >>> from d3mfmt import RenderOptions
     >>> RenderOptions(device="cpu")
-    RenderOptions(model=None, device='cpu', dtype=None, allow_model_mismatch=False, allow_download=False, compile=False, variant=None)
+    RenderOptions(model=None, device='cpu', dtype=None, allow_model_mismatch=False, allow_download=False, compile=False, variant=None, limits=None)
     >>> ds = D3MDataset("spec/vectors/topk.d3m", render=RenderOptions(device="cpu"))   # doctest: +SKIP
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import D3MError
+from .renderable import RenderLimits
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # rendering dtypes (generator.DTYPES maps them to torch)
 
@@ -37,6 +38,10 @@ class RenderOptions:
         compile: ``torch.compile`` the UNet (off by default; see ``d3mfmt.accel``).
         variant: the weight variant to load (``"fp16"``...) instead of the one the
             archive records (``generator.model.variant``); see ``d3mfmt.modelpin``.
+        limits: the render cost accepted (:class:`d3mfmt.RenderLimits`; None: the
+            defaults, which ``Regenerator`` also derives from the loaded UNet's size).
+            ``RenderLimits(per_image=None, total=None)`` trusts a costly archive;
+            ``D3MDataset`` applies it when loading the archive too.
     """
 
     model: str | None = None
@@ -46,6 +51,7 @@ class RenderOptions:
     allow_download: bool = False
     compile: bool = False
     variant: str | None = None
+    limits: RenderLimits | None = None
 
     def check(self) -> None:
         """Raise D3MError for a value of the wrong type or an unknown dtype (devices: ``devices.check_device``)."""
@@ -53,6 +59,8 @@ class RenderOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise D3MError(f"RenderOptions.{name} must be a non-empty string or None, got {value!r}")
+        if self.limits is not None and not isinstance(self.limits, RenderLimits):
+            raise D3MError(f"RenderOptions.limits must be a d3mfmt.RenderLimits or None, got {self.limits!r}"[:300])
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise D3MError(f"RenderOptions.dtype must be one of {list(DTYPE_NAMES)} or None, got {self.dtype!r}")
         for f in fields(self):

@@ -102,12 +102,18 @@ def check_render_cost(manifest, limits: RenderLimits | None = None) -> None:
     check_cost(manifest.generator, manifest.dataset.num_images, limits)
 
 
-def check_cost(generator, num_images: int, limits: RenderLimits | None = None) -> None:
+OVERRIDE_HINT = ("if you trust this archive, lift or raise that bound: render_limits=RenderLimits({name}=...) for "
+                 "d3mfmt.load_file, render=RenderOptions(limits=RenderLimits({name}=...)) for D3MDataset "
+                 "(None lifts a bound), --trust-render-cost for d3m-inspect")
+
+
+def check_cost(generator, num_images: int, limits: RenderLimits | None = None, *, limit_of: str = "the reader") -> None:
     """``check_render_cost`` for a ``GeneratorInfo`` and an image count.
 
     A renderer that has loaded its model SHOULD also call it with
     ``RenderLimits.for_model(unet.config.sample_size)``: that bounds an archive
-    naming a copy of a small model by another path, which the reader cannot know.
+    naming a copy of a small model by another path, which the reader cannot know
+    (``Regenerator`` does, naming the model in ``limit_of``).
     """
     gen = generator
     limits = limits_for(gen) if limits is None else limits
@@ -120,8 +126,7 @@ def check_cost(generator, num_images: int, limits: RenderLimits | None = None) -
             raise D3MFormatError(
                 f"manifest.json: generator asks {asked:,} {what} ({gen.steps} steps of {gen.scheduler}, guidance "
                 f"{gen.guidance_scale}, {gen.height}x{gen.width} px as {gen.latent_shape[1]}x{gen.latent_shape[2]} "
-                f"latents), over the reader's limit of {bound:,}; if you trust this archive, pass "
-                f"render_limits=RenderLimits({name}=...) (None lifts the bound)"
+                f"latents), over {limit_of}'s limit of {bound:,}; " + OVERRIDE_HINT.format(name=name)
             )
 
 

@@ -33,13 +33,13 @@ import hashlib
 import logging
 import os
 import re
-import sys
-import tempfile
+import shlex
 import urllib.parse
 from pathlib import Path
 
-from .container import MAX_ARCHIVE_BYTES
-from .errors import D3MError
+from .container import open_regular
+from .downloads import CHUNK_BYTES, DownloadLimits, download_pinned
+from .errors import D3MError, D3MModelError
 from .files import cache_root, safe_file_name
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,6 @@ log = logging.getLogger(__name__)
 HF_SCHEME = "hf://"
 URL_SCHEMES = ("https://", "http://")
 ARCHIVES_CACHE = "archives"  # sibling of the model-identity and image caches
-MAX_DOWNLOAD_BYTES = MAX_ARCHIVE_BYTES  # a hostile server cannot send more than the format allows
-DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
-CHUNK_BYTES = 1 << 20
 _HF_ID = re.compile(
     r"^hf://datasets/(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)"
     r"(?:@(?P<revision>[^/]+))?/(?P<file>[^?#]+)$"
@@ -65,6 +62,7 @@ def resolve_archive(
     sha256: str | None = None,
     allow_unpinned: bool = False,
     progress: bool = True,
+    download_limits: DownloadLimits | None = None,
 ) -> Path:
     """The local path of an archive given as a path, ``hf://`` id or pinned URL.
 
@@ -77,6 +75,8 @@ def resolve_archive(
             prefixed ``sha256:``); required for URLs unless ``allow_unpinned``.
         allow_unpinned: accept a URL without a digest (fetched every time).
         progress: show a download progress bar on stderr.
+        download_limits: how long a URL download may take: per socket operation
+            and overall (default ``DownloadLimits()``: 60 s and 900 s).
 
     Returns:
         A path to a local file holding the archive's bytes.
@@ -99,13 +99,15 @@ def resolve_archive(
     if ref.startswith(HF_SCHEME):
         path = _resolve_hub(ref, allow_download)
     elif ref.lower().startswith(URL_SCHEMES):
-        return _resolve_url(ref, expected, allow_download, allow_unpinned, progress)
+        return _resolve_url(ref, expected, allow_download, allow_unpinned,
+                            lambda url, digest, name: download_pinned(url, digest, name, progress=progress,
+                                                                      limits=download_limits))
     elif _SCHEME.match(ref):
         raise D3MError(f"archive {ref!r}: unsupported scheme; use a path, hf://datasets/ORG/NAME/FILE.d3m or https://")
     else:
         path = Path(ref).expanduser()
-    # 3. a digest given for a local or hub file is checked too
-    if expected is not None and path.is_file():
+    # 3. a digest given for a local or hub file is checked too (its size and kind first)
+    if expected is not None:
         actual = _file_sha256(path)
         if actual != expected:
             raise D3MError(f"{path}: sha256 {actual} does not match the expected {expected}; "
@@ -124,8 +126,23 @@ def parse_hub_id(ref: str) -> tuple[str, str | None, str]:
             f"{ref!r} is not a hub dataset id; expected hf://datasets/ORG/NAME[@REVISION]/PATH.d3m "
             "(a revision holding '/' is written URL-encoded, e.g. @refs%2Fpr%2F1)"
         )
-    revision = m.group("revision")
-    return m.group("repo"), None if revision is None else urllib.parse.unquote(revision), m.group("file")
+    from .models import check_hub_id, check_revision
+
+    repo, revision = m.group("repo"), m.group("revision")
+    if revision is not None:
+        revision = urllib.parse.unquote(revision)
+    try:  # huggingface_hub's own rules, as a D3MError rather than its HFValidationError
+        check_hub_id(repo, what="dataset")
+        check_revision(revision)
+    except D3MModelError as exc:
+        raise D3MError(f"{ref!r}: {exc}") from None
+    return repo, revision, m.group("file")
+
+
+def hub_download_command(repo: str, filename: str, revision: str | None) -> str:
+    """The shell command that fetches one file of a hub dataset, every part quoted."""
+    parts = ["hf", "download", "--repo-type", "dataset", repo, filename] + (["--revision", revision] if revision else [])
+    return " ".join(shlex.quote(part) for part in parts)
 
 
 def _resolve_hub(ref: str, allow_download: bool) -> Path:
@@ -146,8 +163,7 @@ def _resolve_hub(ref: str, allow_download: bool) -> Path:
         return Path(hf_hub_download(repo, filename, repo_type="dataset", revision=revision,
                                     local_files_only=not allow_download or offline))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
-        command = f"huggingface-cli download --repo-type dataset {repo} {filename}"
-        command += f" --revision {revision}" if revision else ""
+        command = hub_download_command(repo, filename, revision)
         how = (
             "HF_HUB_OFFLINE is set, so nothing is downloaded; unset it (allow_download=True is already given)"
             if allow_download else
@@ -184,7 +200,7 @@ def _url_name(path: str) -> str:
                           max_chars=100)
 
 
-def _resolve_url(ref: str, expected: str | None, allow_download: bool, allow_unpinned: bool, progress: bool) -> Path:
+def _resolve_url(ref: str, expected: str | None, allow_download: bool, allow_unpinned: bool, fetch) -> Path:
     # 1. the pin: a #sha256= fragment and/or the argument, which must agree
     url, _, fragment = ref.partition("#")
     pinned = None
@@ -201,99 +217,33 @@ def _resolve_url(ref: str, expected: str | None, allow_download: bool, allow_unp
             f"{url}: a URL must be pinned by its sha256: append #sha256=<hex> (from `sha256sum FILE.d3m`) or pass "
             "sha256=...; to fetch it unverified anyway pass allow_unpinned=True (d3m-inspect: --allow-unpinned)"
         )
-    # 2. a pinned file already in the cache loads offline
-    name = _url_name(urllib.parse.urlsplit(url).path)
+    # 2. a pinned file already in the cache loads offline, once its bytes hash to the pin again
+    try:
+        name = _url_name(urllib.parse.urlsplit(url).path)
+    except ValueError as exc:  # an unclosed IPv6 bracket, say
+        raise D3MError(f"{url!r} is not a valid URL ({exc})") from None
     if digest is not None:
         cached = url_cache_dir() / digest / name
         if cached.is_file():
-            return cached
+            actual = _file_sha256(cached)
+            if actual == digest:
+                return cached
+            if not allow_download:
+                raise D3MError(f"{cached}: the cached copy of {url} has sha256 {actual}, not the pinned {digest} "
+                               "(it changed after it was fetched); delete it, or pass allow_download=True "
+                               "(d3m-inspect: --allow-download) to fetch it again")
+            log.warning("%s: the cached copy does not match its pin %s; fetching it again", cached, digest)
     if not allow_download:
         raise D3MError(f"{url} is not in the d3mfmt cache ({url_cache_dir()}); pass allow_download=True "
                        "(d3m-inspect: --allow-download) to fetch it")
-    # 3. fetch, verify, then rename into place
-    return download_pinned(url, digest, name, progress=progress)
-
-
-def download_pinned(url: str, digest: str | None, name: str, *, progress: bool = True) -> Path:
-    """Stream ``url`` into the cache as ``<digest>/<name>``; nothing is left behind on any failure.
-
-    The transfer is bounded by :data:`MAX_DOWNLOAD_BYTES` and, when the server
-    sends one, by its Content-Length, which must then be met exactly.
-    """
-    root = url_cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise D3MError(f"cannot create the archive cache {root} ({exc.strerror}); set D3MFMT_CACHE_DIR") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
-    try:
-        # 1. the bytes, into a temporary file beside the cache entry
-        with os.fdopen(fd, "wb") as out:
-            actual = _stream(url, out, name, progress)
-            out.flush()
-            os.fsync(out.fileno())
-        # 2. the pin, then the rename into place
-        if digest is not None and actual != digest:
-            raise D3MError(f"{url}: sha256 {actual} does not match the pinned {digest}; the file was not cached "
-                           "(the server holds another file than the one pinned)")
-        if digest is None:
-            log.warning("%s was fetched unpinned; pin it next time with #sha256=%s", url, actual)
-        final = root / actual / name
-        try:
-            final.parent.mkdir(exist_ok=True)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
-        except OSError as exc:
-            raise D3MError(f"{url}: cannot store it in the archive cache {root} ({exc.strerror or exc}); "
-                           "free disk space or set D3MFMT_CACHE_DIR to a writable folder") from None
-        return final
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _stream(url: str, out, name: str, progress: bool) -> str:
-    """Copy ``url``'s body into the open file ``out``, bounded; return its sha256 hex digest."""
-    import http.client
-    import urllib.error
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
-    hasher, received = hashlib.sha256(), 0
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310 (scheme checked)
-            declared = response.headers.get("Content-Length")
-            total = int(declared) if declared and declared.isdigit() else None
-            if total is not None and total > MAX_DOWNLOAD_BYTES:
-                raise D3MError(f"{url}: the server announces {total} bytes, more than a .d3m may hold "
-                               f"({MAX_DOWNLOAD_BYTES}); refusing to download it")
-            with tqdm(total=total, desc=name, unit="B", unit_scale=True, file=sys.stderr, disable=not progress) as bar:
-                while chunk := response.read(CHUNK_BYTES):
-                    received += len(chunk)
-                    if received > MAX_DOWNLOAD_BYTES:
-                        raise D3MError(f"{url}: more than {MAX_DOWNLOAD_BYTES} bytes, more than a .d3m "
-                                       "may hold; download stopped")
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    bar.update(len(chunk))
-            if total is not None and received != total:
-                raise D3MError(f"{url}: transfer incomplete ({received} of {total} bytes); try again")
-    except urllib.error.HTTPError as exc:
-        raise D3MError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise D3MError(f"{url}: cannot connect ({exc.reason})") from None
-    except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, timeout
-        raise D3MError(f"{url}: transfer failed ({exc!r}); nothing was cached, try again") from None
-    return hasher.hexdigest()
+    # 3. fetch, verify, then rename into place (replacing a damaged copy)
+    return fetch(url, digest, name)
 
 
 def _file_sha256(path: Path) -> str:
+    """The sha256 of a regular file, streamed; its size and kind are checked before a byte is hashed."""
     digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                digest.update(chunk)
-    except OSError as exc:
-        raise D3MError(f"{path}: cannot be read ({exc.strerror})") from None
+    with open_regular(path) as (f, _):
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
     return digest.hexdigest()

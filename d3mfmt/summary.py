@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 from . import container
 from .agreement import low_agreement
 from .archive import Archive, check_member
@@ -58,12 +61,15 @@ def inversion_summary(build: dict) -> dict | None:
         init = entry.get("val_loss_init") if isinstance(entry, dict) else None
         best = entry.get("val_loss_best") if isinstance(entry, dict) else None
         if isinstance(init, (int, float)) and isinstance(best, (int, float)) and init > 0:
-            changes.append((best - init) / init)
+            change = (best - init) / init  # finite inputs, yet it may overflow (1e300 / 1e-300)
+            if math.isfinite(change):
+                changes.append(change)
+    mean = sum(changes) / len(changes) if changes else None  # finite terms, yet the sum may overflow
     return {
         "classes": len(per_class),
         "improved": sum(c < 0 for c in changes),
         "unreadable": len(per_class) - len(changes),
-        "mean_val_loss_change": round(sum(changes) / len(changes), 6) if changes else None,
+        "mean_val_loss_change": round(mean, 6) if mean is not None and math.isfinite(mean) else None,
     }
 
 
@@ -122,6 +128,16 @@ def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict
         "agreement": agreement_summary(archive),
         "inversion": inversion_summary(m.build),
     }
+
+
+def summary_json(s: dict) -> str:
+    """``summarize``'s dict as strict JSON (``d3m-inspect --json``): never ``NaN`` or ``Infinity``.
+
+    Every number in the summary is finite by construction (the manifest's are
+    checked, derived ones that overflow are left out); ``allow_nan=False`` makes
+    a slip a loud error rather than output that JSON parsers refuse.
+    """
+    return json.dumps(s, indent=1, allow_nan=False)
 
 
 def render_text(s: dict, max_names: int = 6) -> str:

@@ -73,7 +73,8 @@ def verify(archive: Archive, render: RenderOptions | None = None, n: int = 8, to
 
     # 1. check inputs, then load the model
     check_verify(archive, n, tolerance)
-    regenerator = Regenerator(archive.manifest.generator, archive.embeddings, render)
+    regenerator = Regenerator(archive.manifest.generator, archive.embeddings, render,
+                              num_images=archive.manifest.dataset.num_images)
     size = archive.manifest.fingerprint_size
     batch = render_batch or DEFAULT_RENDER_BATCH
     images = sample_images(archive, n)

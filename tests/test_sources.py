@@ -12,7 +12,7 @@ from conftest import CPU, run_inspect
 
 import d3mfmt
 from d3mfmt import D3MError, RenderOptions, resolve_archive
-from d3mfmt import sources
+from d3mfmt import downloads
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPK = ROOT / "spec" / "vectors" / "topk.d3m"
@@ -80,7 +80,7 @@ def test_hub_id_not_cached_says_how_to_download_it(hf_cache):
         d3mfmt.load_file("hf://datasets/org/mnist-d3m@v2/other.d3m")
     message = str(err.value)
     assert "not in the local Hugging Face cache" in message and str(hf_cache) in message
-    assert "huggingface-cli download --repo-type dataset org/mnist-d3m other.d3m --revision v2" in message
+    assert "hf download --repo-type dataset org/mnist-d3m other.d3m --revision v2" in message
     assert "allow_download=True" in message and "--allow-download" in message
     # allowed, but HF_HUB_OFFLINE (set for the whole suite) forbids it: say so instead
     with pytest.raises(D3MError, match="HF_HUB_OFFLINE is set"):
@@ -194,7 +194,7 @@ def server():
         "/topk.d3m": (200, DATA, len(DATA)),
         "/no-length.d3m": (200, DATA, None),
         "/short.d3m": (200, DATA[: len(DATA) // 2], len(DATA)),  # server closes mid-body
-        "/huge.d3m": (200, b"", sources.MAX_DOWNLOAD_BYTES + 1),
+        "/huge.d3m": (200, b"", downloads.MAX_DOWNLOAD_BYTES + 1),
     }
     with Server(routes) as s:
         yield s
@@ -233,7 +233,7 @@ def test_failed_transfer_leaves_nothing_behind(server, d3m_cache, path, message)
 def test_download_is_bounded(server, d3m_cache, monkeypatch):
     with pytest.raises(D3MError, match="announces .* more than a .d3m may hold"):
         resolve_archive(f"{server.url}/huge.d3m#sha256={DIGEST}", allow_download=True)
-    monkeypatch.setattr(sources, "MAX_DOWNLOAD_BYTES", 1000)
+    monkeypatch.setattr(downloads, "MAX_DOWNLOAD_BYTES", 1000)
     with pytest.raises(D3MError, match="more than 1000 bytes"):
         resolve_archive(f"{server.url}/no-length.d3m#sha256={DIGEST}", allow_download=True)
     assert files_under(d3m_cache) == []
