@@ -237,15 +237,13 @@ def _hub_snapshot(model_id: str, revision: str | None, allow_download: bool, var
             return snapshot
         except D3MModelError as err:
             if not allow_download or constants.HF_HUB_OFFLINE:
-                raise D3MModelError(f"{err}; the cached snapshot is incomplete: pass allow_download=True "
-                                    f"(fetches only the pinned files) or run `{download_command(model_id, revision)}`"
+                raise D3MModelError(f"{err}; the cached snapshot is incomplete: {_fetch_hint(model_id, revision)}"
                                     ) from None
     elif not allow_download or constants.HF_HUB_OFFLINE:
         how = (
             "HF_HUB_OFFLINE is set, so nothing is downloaded; unset it and pass allow_download=True"
             if allow_download else
-            f"download it once with `{download_command(model_id, revision)}` (or pass allow_download=True, "
-            "which fetches only the files the pin covers)"
+            _fetch_hint(model_id, revision)
         )
         raise D3MModelError(
             f"model {model_id!r}{at} is not in the local Hugging Face cache ({_hf_cache_dir()}); {how}, "
@@ -255,6 +253,13 @@ def _hub_snapshot(model_id: str, revision: str | None, allow_download: bool, var
         return _download_pinned(model_id, revision, variant)
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError, *_http_errors()) as err:
         raise D3MModelError(f"model {model_id!r}{at}: download failed: {str(err)[:300]}") from None
+
+
+def _fetch_hint(model_id: str, revision: str | None) -> str:
+    """How to get a hub model into the cache, for each tool (d3m-build has no download switch)."""
+    return (f"download it once with `{download_command(model_id, revision)}` (d3m-build: run the command first), "
+            "or let d3mfmt fetch only the files the pin covers: allow_download=True in Python "
+            "(RenderOptions(allow_download=True) for D3MDataset), d3m-inspect: --allow-download")
 
 
 def _http_errors() -> tuple[type[BaseException], ...]:
