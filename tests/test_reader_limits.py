@@ -213,3 +213,18 @@ def test_model_hints_say_which_tool_takes_which_switch():
     assert "`hf download org/not-cached-anywhere --revision v1`" in message
     assert "allow_download=True in Python" in message and "d3m-inspect: --allow-download" in message
     assert "d3m-build: run the command first" in message
+
+
+def test_loading_a_tensor_heavy_archive_holds_the_file_and_one_copy_of_its_arrays(tmp_path):
+    path = tmp_path / "heavy.d3m"
+    d3mfmt.save_file(make_archive(num_classes=64, ipc=1, grid=1, n_vectors=16, dim=2048, emb_dtype="float32",
+                                  fingerprint_size=None, encoding=d3mfmt.LabelEncoding("topk", 2, "u8sqrt")), path)
+    size = path.stat().st_size  # 8 MiB, nearly all embeddings
+    tracemalloc.start()
+    try:
+        archive = d3mfmt.load_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert archive.embeddings.nbytes > 0.99 * size
+    assert peak < 2.1 * size, f"peak {peak / size:.2f}x the file"  # the bytes read, and the arrays copied out once
