@@ -246,7 +246,7 @@ def _opener(url: str, deadline: _Deadline):
 
     # only these handlers: no file://, ftp:// or data: (build_opener would add them)
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), Plain(), Secure(), Redirects(),
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), Plain(), Secure(), Redirects(),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener

@@ -9,14 +9,18 @@ sees it; the reader itself never touches the network.
   ``allow_download=True`` (and never while ``HF_HUB_OFFLINE`` is set), like models;
 - ``https://…/x.d3m#sha256=<hex>`` (or ``http://``, or the digest passed as
   ``sha256=``): the file's sha256 pins it. It lives in the d3mfmt cache as
-  ``<cache>/archives/<sha256>/<name>``; a cached one loads offline, a missing one
-  is fetched only with ``allow_download=True``, streamed to a temporary file,
-  verified, then renamed into place: a wrong digest, an oversized or broken
+  ``<cache>/archives/<sha256>/<name>``; a cached one loads offline once its bytes
+  hash to the pin again (a changed copy is refused, or fetched anew with
+  ``allow_download=True``), a missing one is fetched only with ``allow_download=True``
+  by :func:`d3mfmt.downloads.download_pinned`: bounded in bytes and in time
+  (``DownloadLimits``), http(s) only, streamed to a temporary file, verified, then
+  renamed into place; a wrong digest, an oversized, slow, broken or interrupted
   transfer leaves nothing behind. A URL without a digest is refused unless the
   caller passes ``allow_unpinned=True``; it is then fetched every time (there is
   nothing to look it up by) and its digest is logged so that it can be pinned.
 
-``sha256=`` given with a path or hub id checks that file too.
+``sha256=`` given with a path or hub id checks that file too, its size and kind
+first (a 16 GiB or non-regular file is refused before a byte is hashed).
 
 Importing this module imports neither huggingface_hub nor urllib's HTTP stack.
 
