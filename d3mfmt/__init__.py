@@ -11,6 +11,7 @@ Example:
 """
 
 from .archive import Archive, content_hash, load, load_file, save, save_file
+from .downloads import DownloadLimits
 from .errors import D3MError, D3MFormatError, D3MModelError
 from .labels import LabelEncoding, LabelTable, encode as encode_labels
 from .renderable import RenderLimits
@@ -40,6 +41,7 @@ __all__ = [
     "D3MFormatError",
     "D3MModelError",
     "DatasetInfo",
+    "DownloadLimits",
     "EmbeddingInfo",
     "GeneratorInfo",
     "LabelEncoding",

@@ -20,6 +20,7 @@ import numpy as np
 import safetensors.numpy
 
 from . import container
+from .downloads import DownloadLimits
 from .errors import D3MError, D3MFormatError
 from .files import write_atomic
 from .jsonfields import check_tree
@@ -186,15 +187,18 @@ def load_file(
     allow_unpinned: bool = False,
     max_label_bytes: int = MAX_LABEL_TABLE,
     render_limits: RenderLimits | None = None,
+    download_limits: DownloadLimits | None = None,
 ) -> Archive:
     """Read ``path`` once (no handle stays open) and ``load`` it.
 
     ``path`` may also be an ``hf://datasets/ORG/NAME[@REV]/FILE.d3m`` id or a URL
     pinned by ``#sha256=<hex>``; :func:`d3mfmt.sources.resolve_archive` turns it
-    into a local file first (offline unless ``allow_download=True``).
+    into a local file first (offline unless ``allow_download=True``; a URL's
+    transfer bounded by ``download_limits``, default ``DownloadLimits()``).
     ``max_label_bytes`` and ``render_limits`` as for ``load``.
     """
-    local = resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned)
+    local = resolve_archive(path, allow_download=allow_download, sha256=sha256, allow_unpinned=allow_unpinned,
+                            download_limits=download_limits)
     return load(container.read_bytes(local), max_label_bytes=max_label_bytes, render_limits=render_limits)
 
 

@@ -14,7 +14,8 @@ hostile or broken server can do is bounded here:
   malformed redirect target is a D3MError naming both URLs;
 - **leftovers**: on any exception, Ctrl-C, SIGTERM or SIGHUP the temporary file
   is removed (a signal whose handler was the default is then re-delivered, so
-  the process still ends as the signal asks).
+  the process still ends as the signal asks); what SIGKILL leaves is swept by a
+  later download once it is a day old.
 
 Importing this module imports no HTTP stack; a download does.
 
@@ -37,6 +38,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_DOWNLOAD_BYTES = MAX_ARCHIVE_BYTES  # a hostile server cannot send more than the format allows
 CHUNK_BYTES = 1 << 20
 MAX_REDIRECTS = 5
+STALE_PART_S = 24 * 3600  # a .part file untouched this long belongs to no live download
 HTTP_SCHEMES = ("http", "https")
 CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 _DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() also takes '²'
@@ -102,7 +105,7 @@ def download_pinned(url: str, digest: str | None, name: str, *, progress: bool =
     # 1. check inputs
     limits = DownloadLimits() if limits is None else limits
     if not isinstance(limits, DownloadLimits):
-        raise D3MError(f"limits must be a d3mfmt.downloads.DownloadLimits, got {type(limits).__name__}")
+        raise D3MError(f"download limits must be a d3mfmt.DownloadLimits, got {type(limits).__name__}")
     if urllib.parse.urlsplit(url).scheme.lower() not in HTTP_SCHEMES:
         raise D3MError(f"{url!r}: only http:// and https:// URLs are downloaded")
     root = url_cache_dir()
@@ -110,6 +113,7 @@ def download_pinned(url: str, digest: str | None, name: str, *, progress: bool =
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise D3MError(f"cannot create the archive cache {root} ({exc.strerror}); set D3MFMT_CACHE_DIR") from None
+    _sweep_stale_parts(root, limits)
     # 2. the bytes, into a temporary file beside the cache entry, removed on anything but success
     with _cleanup_on_signals():
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
@@ -122,6 +126,19 @@ def download_pinned(url: str, digest: str | None, name: str, *, progress: bool =
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _sweep_stale_parts(root: Path, limits: DownloadLimits) -> None:
+    """Remove temporary files no live download can own: untouched for longer than any transfer may take.
+
+    What SIGKILL or a power cut leaves behind (nothing else can remove it then);
+    a live transfer writes its file at least once per ``timeout_s``.
+    """
+    stale = time.time() - max(STALE_PART_S, limits.deadline_s)
+    for part in root.glob(".*.part"):
+        with contextlib.suppress(OSError):  # another process may sweep it at the same moment
+            if part.is_file() and part.stat().st_mtime < stale:
+                part.unlink()
 
 
 def _store(url: str, tmp: str, actual: str, digest: str | None, final: Path) -> Path:
@@ -320,6 +337,7 @@ def _stream(url: str, out, name: str, progress: bool, limits: DownloadLimits) ->
         raise D3MError(
             f"{url}: the download did not finish within its deadline of {limits.deadline_s:g} s "
             f"({received:,} bytes received); nothing was cached. For a large archive or a slow link raise it: "
-            "resolve_archive(..., download_limits=DownloadLimits(deadline_s=...)) (d3m-inspect: --download-deadline)"
+            "download_limits=d3mfmt.DownloadLimits(deadline_s=...) for d3mfmt.load_file or resolve_archive "
+            "(d3m-inspect: --download-deadline)"
         )
     return hasher.hexdigest()
