@@ -330,7 +330,7 @@ def test_incomplete_cached_snapshot_names_the_fix(folders, tmp_path, monkeypatch
     (partial / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     rc.hub_cache(tmp_path / "hub", "runwayml/stable-diffusion-v1-5", partial)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(D3MModelError, match=r"unet/ has no .*incomplete: pass allow_download=True .*`hf download"):
+    with pytest.raises(D3MModelError, match=r"unet/ has no .*incomplete: download it once with `hf download .*allow_download=True"):
         resolve_model("runwayml/stable-diffusion-v1-5")
 
 
