@@ -138,6 +138,20 @@ class _Source:
         return {"max_label_bytes": self.max_label_bytes, "render_limits": self.render_limits}
 
 
+_SECONDS = click.FloatRange(min=0, min_open=True)
+# what reading may cost: every subcommand's, after the source options
+_READ_LIMIT_OPTIONS = (
+    click.option("--download-timeout", type=_SECONDS, default=DEFAULT_DOWNLOAD.timeout_s, show_default=True,
+                 metavar="SECONDS", help="Longest wait of one network operation."),
+    click.option("--download-deadline", type=_SECONDS, default=DEFAULT_DOWNLOAD.deadline_s, show_default=True,
+                 metavar="SECONDS", help="Longest time a whole download may take."),
+    click.option("--max-label-bytes", type=click.IntRange(min=1, max=MAX_LABEL_PAYLOAD), default=MAX_LABEL_TABLE,
+                 show_default=True, help="Cap on the decoded label table; raise it for a trusted dense archive."),
+    click.option("--trust-render-cost", is_flag=True,
+                 help="Lift the bounds on the render cost an archive may ask (steps, size, images)."),
+)
+
+
 def _archive_input(render: bool = False, cache: bool = False):
     """FILE and the source options; with ``render`` the render options too, joined into one RenderOptions.
 
@@ -153,15 +167,7 @@ def _archive_input(render: bool = False, cache: bool = False):
         click.option("--sha256", help="Expected sha256 of the archive file (for a URL: instead of #sha256=...)."),
         click.option("--allow-unpinned", is_flag=True,
                      help="Accept a URL without a sha256 (fetched every time, unverified)."),
-        click.option("--download-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_DOWNLOAD.timeout_s,
-                     show_default=True, metavar="SECONDS", help="Longest wait of one network operation."),
-        click.option("--download-deadline", type=click.FloatRange(min=0, min_open=True),
-                     default=DEFAULT_DOWNLOAD.deadline_s, show_default=True, metavar="SECONDS",
-                     help="Longest time a whole download may take."),
-        click.option("--max-label-bytes", type=click.IntRange(min=1, max=MAX_LABEL_PAYLOAD), default=MAX_LABEL_TABLE,
-                     show_default=True, help="Cap on the decoded label table; raise it for a trusted dense archive."),
-        click.option("--trust-render-cost", is_flag=True,
-                     help="Lift the bounds on the render cost an archive may ask (steps, size, images)."),
+        *_READ_LIMIT_OPTIONS,
     ]
     if render:
         options += [
@@ -183,16 +189,16 @@ def _archive_input(render: bool = False, cache: bool = False):
         @functools.wraps(f)
         def command(path, allow_download, sha256, allow_unpinned, download_timeout, download_deadline,
                     max_label_bytes, trust_render_cost, **kwargs):
-            source = _Source(path, allow_download, sha256, allow_unpinned,
-                             DownloadLimits(download_timeout, download_deadline), max_label_bytes,
-                             TRUSTED if trust_render_cost else None)
-            if render:
-                kwargs["render"] = RenderOptions(
-                    model=kwargs.pop("model"), device=kwargs.pop("device"), dtype=kwargs.pop("dtype"),
-                    allow_model_mismatch=kwargs.pop("allow_model_mismatch"), allow_download=allow_download,
-                    compile=kwargs.pop("compile_unet"), variant=kwargs.pop("variant"), limits=source.render_limits,
-                )
-            with _reporting(path):
+            with _reporting(path):  # DownloadLimits refuses an infinite deadline, which click lets through
+                source = _Source(path, allow_download, sha256, allow_unpinned,
+                                 DownloadLimits(download_timeout, download_deadline), max_label_bytes,
+                                 TRUSTED if trust_render_cost else None)
+                if render:
+                    kwargs["render"] = RenderOptions(
+                        model=kwargs.pop("model"), device=kwargs.pop("device"), dtype=kwargs.pop("dtype"),
+                        allow_model_mismatch=kwargs.pop("allow_model_mismatch"), allow_download=allow_download,
+                        compile=kwargs.pop("compile_unet"), variant=kwargs.pop("variant"), limits=source.render_limits,
+                    )
                 return f(source=source, **kwargs)
 
         for option in reversed(options):

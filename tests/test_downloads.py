@@ -154,6 +154,9 @@ def test_deadline_and_timeout_can_be_raised_and_are_checked(hostile, d3m_cache):
     out = run_inspect("summary", f"{hostile.url}/slow-body.d3m#sha256={DIGEST}", "--allow-download",
                       "--download-deadline", "0.3")
     assert out.exit_code == 1 and "deadline of 0.3 s" in out.stderr and isinstance(out.exception, SystemExit)
+    for bad in ("inf", "nan", "0", "-1", "x"):
+        out = run_inspect("summary", TOPK, "--download-deadline", bad)
+        assert out.exit_code in (1, 2) and "deadline" in out.stderr and isinstance(out.exception, SystemExit), bad
     out = run_inspect("summary", f"{hostile.url}/topk.d3m#sha256={DIGEST}", "--allow-download",
                       "--download-timeout", "30", "--download-deadline", "600")
     assert out.exit_code == 0 and "golden-topk" in out.stdout, out.output
