@@ -157,8 +157,8 @@ def build_command(**options) -> None:
     with _errors():
         # 1. options onto the source, the settings, the label encoding and the run
         source, settings = _source_and_settings(options)
-        check_requested_k(options["k"], len(source.classes))
         labels = label_encoding(options["label_kind"], options["k"], options["values"], settings.temperature)
+        check_requested_k(options["k"], len(source.classes))
         run = RunOptions(**_given(shard=None if options["shard"] is None else parse_shard(options["shard"]),
                                   device=options["device"], dtype=options["dtype"],
                                   min_agreement=options["min_agreement"]),
@@ -219,9 +219,9 @@ def merge_command(workdirs, out, label_kind, k, values, min_agreement) -> None:
     with _errors():
         # the build's label options unless given (the temperature always comes from the build's record)
         given = (label_kind, k, values) != (None, None, None)
+        labels = label_encoding(label_kind, k, values) if given else None
         if k is not None:
             check_requested_k(k, len(Workdir(workdirs[0], create=False).record()["classes"]))
-        labels = label_encoding(label_kind, k, values) if given else None
         result = merge_archives(list(workdirs), out, labels=labels, min_agreement=min_agreement)
     _report(result)
 

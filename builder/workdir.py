@@ -70,15 +70,11 @@ class Workdir:
         write_atomic(f, json.dumps(record, indent=1, sort_keys=True).encode())
 
     def bind_labels(self, labels) -> None:
-        """Record the label options (a LabelEncoding) this build was started with, or refuse other ones."""
+        """Record the label options (a LabelEncoding) of this run: the merge's default, and what it must match."""
         wanted = {k: getattr(labels, k) for k in LABEL_FIELDS}
-        old = self.labels()
-        if old is None:
-            write_atomic(self.path / LABELS_FILE, json.dumps(wanted, sort_keys=True).encode())
-        elif old != wanted:
-            raise D3MError(f"work directory {self.path} was started with label options {label_flags(old)}, "
-                           f"this run asks for {label_flags(wanted)}; use the same label options "
-                           "(or a new --workdir)")
+        f = self.path / LABELS_FILE
+        if not f.is_file() or self.labels() != wanted:
+            write_atomic(f, json.dumps(wanted, sort_keys=True).encode())
 
     def labels(self) -> dict | None:
         """The label options recorded by :meth:`bind_labels` ({kind, k, values}), or None."""
