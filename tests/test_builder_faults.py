@@ -5,10 +5,12 @@ import json
 import re
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.numpy
+import safetensors.torch
 import torch
 from click.testing import CliRunner
 from conftest import make_archive, tiny_build_args
@@ -26,6 +28,8 @@ from builder.workdir import Workdir
 from d3mfmt import ClassInfo, D3MError
 from d3mfmt.agreement import near_chance, near_chance_limit
 from d3mfmt.summary import agreement_summary
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def copy_workdir(tiny_build, dest):
@@ -320,3 +324,41 @@ def test_the_tiny_build_records_precision(tiny_build):
     expected = regenerated_precision(probs)
     assert [build["agreement"][c].get("precision") for c in ("a_red", "b_green", "c_blue")] == \
         [None if p is None else round(p, 4) for p in expected]
+
+
+# -- 8. the README's teacher example runs with what `make setup` installs ----------------------------------------
+
+def test_the_example_teacher_needs_only_torch(tmp_path, monkeypatch):
+    import ast
+    import importlib.util
+
+    from builder.teachers import check_teacher_width, resolve_teacher
+
+    path = ROOT / "examples" / "my_teachers.py"
+    imported = {a.name.split(".")[0] for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in (n.names if isinstance(n, ast.Import) else
+                                                                        [ast.alias(n.module or "")])}
+    assert imported == {"safetensors", "torch"}  # no torchvision: installing it would replace the pinned torch
+    spec = importlib.util.spec_from_file_location("my_teachers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "my_teachers", module)
+    safetensors.torch.save_file(module.SmallCNN(100).state_dict(), tmp_path / module.WEIGHTS)
+    teacher, name = resolve_teacher("my_teachers:small_cnn_in100")
+    check_teacher_width(teacher, 100, 256, "cpu")
+    assert teacher(torch.rand(2, 3, 256, 256)).shape == (2, 100) and name == "my_teachers:small_cnn_in100"
+
+
+def test_d3m_build_names_no_library_switch_for_an_uncached_model(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from builder.model import load_build_model
+    from builder.settings import BuildSettings
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(D3MError, match=r"not in the local Hugging Face cache .*download it once with `hf download "
+                                       r"org/not-cached`") as info:
+        load_build_model(BuildSettings(model="org/not-cached", teacher="t"), "cpu", "float32")
+    assert "allow_download" not in str(info.value)
