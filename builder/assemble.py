@@ -1,9 +1,11 @@
-"""From finished class checkpoints to the archive: label encoding, manifest, write, merge, summary.
+"""From finished class checkpoints to the archive: manifest, join, write (last), merge, summary.
 
 One work directory (a whole build) or several (the shards of one build) hold a
-checkpoint per class; :func:`write_archive` joins them, in class order, through
-d3mfmt's writer (temporary file, then rename), so an archive is either complete
-and valid or absent. :func:`enforce_min_agreement` is the one ``--min-agreement``
+checkpoint per class; :func:`join_classes` joins them, in class order, into the
+archive's bytes (every checkpoint checked first: builder/workdir.py), and
+:func:`write_build` writes them last, after the summary, through one atomic
+write (temporary file, then rename): an archive is either complete and valid
+or absent, and a failure leaves the file a user had at ``-o`` as it was. :func:`enforce_min_agreement` is the one ``--min-agreement``
 rule, applied once, when the archive is written (at the end of a single run, or
 at the merge of a sharded one); a shard only reports its classes below it
 (:func:`below_min_agreement`), so one bad class never stops the other ranks.
@@ -11,7 +13,7 @@ at the merge of a sharded one); a shard only reports its classes below it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,12 @@ from d3mfmt.manifest import generator_from_dict
 from d3mfmt.terminal import printable
 
 from .guards import archive_warnings, regenerated_precision
+from .labeloptions import (DENSE_VALUES, check_labels, check_requested_k, fit_labels, label_encoding,  # noqa: F401
+                           merge_flags, recorded_labels)  # (re-exported: callers import them from here)
 from .settings import check_min_agreement
 from .workdir import REBUILD_CLASS, SETTINGS_FILE, Workdir, check_output_path, label_flags
 
 
-DENSE_VALUES = "f16"  # the dense encoding's value codec unless --values says otherwise
 SHOWN_CLASSES = 20  # classes named in a --min-agreement message
 
 
@@ -38,59 +41,6 @@ class BuildResult:
     out: Path | None
     archive: d3mfmt.Archive | None
     summary: list[str]
-
-
-def label_encoding(kind: str | None = None, k: int | None = None, values: str | None = None,
-                   temperature: float = 1.0) -> LabelEncoding:
-    """A label encoding from its parts; ``None`` takes the default (topk: k 5, u8sqrt; dense: f16)."""
-    default = LabelEncoding()
-    kind = default.kind if kind is None else kind
-    if kind == "hard":
-        if k not in (None, 1) or values is not None or temperature != 1.0:
-            raise D3MError("--label-kind hard stores one class index per patch (the teacher's top-1, whatever "
-                           "the temperature): drop --k, --values and --temperature")
-        return LabelEncoding("hard", 1, None, temperature)
-    if kind == "dense":
-        if k is not None:
-            raise D3MError("--label-kind dense stores every class: drop --k")
-        return LabelEncoding("dense", None, values or DENSE_VALUES, temperature)
-    return LabelEncoding(kind, default.k if k is None else k, values or default.values, temperature)
-
-
-def check_requested_k(k: int | None, num_classes: int) -> None:
-    """An explicit ``--k`` above the class count is refused (the default, 5, is capped at the class count)."""
-    if k is not None and k > num_classes:
-        raise D3MError(f"--k {k}: the data has {num_classes} classes, so at most --k {num_classes} entries can be "
-                       f"kept per label; pass --k {num_classes} or less, or leave --k out (default: "
-                       f"min({LabelEncoding().k}, classes))")
-
-
-def fit_labels(labels: LabelEncoding, num_classes: int, temperature: float) -> LabelEncoding:
-    """The requested encoding for ``num_classes`` (top-k capped at C), checked; raises D3MError."""
-    if labels.kind == "topk" and isinstance(labels.k, int) and labels.k > num_classes:
-        labels = replace(labels, k=num_classes)
-    labels = replace(labels, temperature=float(temperature))
-    labels.check(num_classes)
-    return labels
-
-
-def check_labels(labels: LabelEncoding, num_classes: int, temperature: float) -> None:
-    """A bad label option fails before the build, in the options' words."""
-    try:
-        fit_labels(labels, num_classes, temperature)
-    except D3MError as exc:
-        detail = str(exc).removeprefix("manifest.json: ")
-        raise D3MError(f"label options (--label-kind, --k, --values) for {num_classes} classes: {detail}") from None
-
-
-def merge_flags(labels: LabelEncoding, min_agreement: float | None) -> str:
-    """The merge options that reproduce this build's label encoding (and threshold)."""
-    flags = f" --label-kind {labels.kind}"
-    if labels.kind == "topk":
-        flags += f" --k {labels.k}"
-    if labels.values is not None:
-        flags += f" --values {labels.values}"
-    return flags + ("" if min_agreement is None else f" --min-agreement {min_agreement:g}")
 
 
 def class_labels(classes) -> list[str]:
@@ -212,19 +162,6 @@ def finished_classes(workdirs: list[Path]) -> tuple[dict, list[tuple[dict, dict]
         raise D3MError(f"classes {missing[:10]}{'...' if len(missing) > 10 else ''} are not built yet; "
                        "run (or finish) the shards that own them, then merge again")
     return record, [owner[c].load_class(c) for c in range(num_classes)], wds[0].path
-
-
-def recorded_labels(workdirs: list[Path], labels: LabelEncoding | None) -> LabelEncoding:
-    """The label encoding to write: ``labels`` if given (refused if the build recorded other options), else the build's."""
-    recorded = next((r for r in (Workdir(p, create=False).labels() for p in workdirs) if r is not None), None)
-    if labels is None:
-        return LabelEncoding() if recorded is None else label_encoding(recorded["kind"], recorded["k"],
-                                                                       recorded["values"])
-    asked = {"kind": labels.kind, "k": labels.k, "values": labels.values}
-    if recorded is not None and recorded != asked:
-        raise D3MError(f"the build was started with label options {label_flags(recorded)}, this merge asks for "
-                       f"{label_flags(asked)}; merge with the build's options (or leave them out to use them)")
-    return labels
 
 
 @dataclass(frozen=True)

@@ -5,18 +5,24 @@ Per class (independent of every other class, so shards agree with a single run):
 1. load the class's real images;
 2. select the grid²·IPC most informative patches with the teacher;
 3. tile them into IPC collages;
-4. textual inversion: learn the class token on those collages;
-5. seeds: IPC per class (optionally the best of M candidates each);
-6. regenerate every image through d3mfmt's generator, split into patches,
+4. the early domain check: a few renders of the class name, labelled by the
+   teacher, warn before the minutes of inversion (builder/guards.py);
+5. textual inversion: learn the class token on those collages;
+6. seeds: IPC per class (optionally the best of M candidates each);
+7. regenerate every image through d3mfmt's generator, split into patches,
    teacher -> soft label per patch, fingerprint per image;
-7. checkpoint the class in the work directory (atomic write).
+8. checkpoint the class in the work directory (atomic write).
 
 Before the first class, the model is resolved (SDXL, other pipelines and
 single files refused before any data is read, builder/model.py), the teacher
 loaded, and the preflight run once per build (builder/preflight.py: data
-check, listing, class-order matrix). When every class is done the archive is
-written (builder/assemble.py); ``--min-agreement`` is enforced once, then: a
-class below it is recorded and reported, and the build goes on.
+check, listing, class-order matrix). Every teacher call is checked
+(builder/teachers.py, ``CheckedTeacher``): one that raises, returns another
+shape or NaN/Inf logits stops the build at once, naming class and teacher,
+before that class is checkpointed. When every class is done the archive is
+joined, summarised and written last (builder/assemble.py); ``--min-agreement``
+is enforced once, then: a class below it is recorded and reported, and the
+build goes on.
 
 Example:
     >>> from builder.pipeline import build_archive
@@ -216,7 +222,7 @@ def early_check(ctx: BuildContext, c: int, name: str) -> None:
 
 
 def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
-    """Steps 1-7 for class ``c``; returns (tensors, metadata) for its checkpoint."""
+    """Steps 1-7 for class ``c``; returns (tensors, metadata) for its checkpoint (step 8)."""
     s, gen, teacher, device = ctx.settings, ctx.generator, ctx.teacher, ctx.device
     info = ctx.source.classes[c]
     g, val_g = class_generator(s.seed, c, 1), class_generator(s.seed, c, 2)
