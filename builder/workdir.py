@@ -138,9 +138,9 @@ class Workdir:
             meta["regenerated"] = meta.pop("accuracy")  # the key's name in work directories of older builds
         record = self.record()
         problem = _checkpoint_problem(tensors, meta, record)
-        if problem is None and isinstance(meta.get("build"), str) and meta["build"] != record_digest(record):
-            problem = (f"it belongs to another build (settings hash {meta['build'][:19]}..., this work directory's "
-                       f"{record_digest(record)[:19]}...): copied from another work directory")
+        if problem is None and "build" in meta and meta["build"] != record_digest(record):  # absent: an older build's
+            problem = (f"it belongs to another build (settings hash {printable(str(meta['build']))[:19]}..., this work "
+                       f"directory's {record_digest(record)[:19]}...): copied from another work directory")
         if problem:
             raise D3MError(f"class checkpoint {f} is damaged: {problem}; {REBUILD_CLASS}")
         return tensors, meta

@@ -172,10 +172,11 @@ def test_merge_refuses_a_work_directory_named_twice(tiny_build, tmp_path):
 def test_merge_refuses_a_checkpoint_of_another_build(tiny_build, tmp_path):
     wd = copy_workdir(tiny_build, tmp_path / "wd")
     assert wd.load_class(0)[1]["build"] == wd.record_digest()
-    rewrite_class(wd, 0, meta={"build": "sha256:" + "0" * 64})  # what a checkpoint copied from another build carries
-    result = merge(wd.path, "-o", tmp_path / "x.d3m")
-    assert result.exit_code == 1 and "000000.safetensors is damaged: it belongs to another build" in result.stderr
-    assert not (tmp_path / "x.d3m").exists()
+    for foreign in ("sha256:" + "0" * 64, 7):  # what a checkpoint copied from another build carries; a damaged one
+        rewrite_class(wd, 0, meta={"build": foreign})
+        result = merge(wd.path, "-o", tmp_path / "x.d3m")
+        assert result.exit_code == 1 and "000000.safetensors is damaged: it belongs to another build" in result.stderr
+        assert not (tmp_path / "x.d3m").exists()
 
 
 def test_merge_uses_the_builds_label_options_and_refuses_others(tiny_build, tmp_path):
