@@ -170,9 +170,9 @@ def test_merge_refuses_a_work_directory_named_twice(tiny_build, tmp_path):
 
 
 def test_merge_refuses_a_checkpoint_of_another_build(tiny_build, tmp_path):
-    wd = copy_workdir(tiny_build, tmp_path / "wd")
-    assert wd.load_class(0)[1]["build"] == wd.record_digest()
-    for foreign in ("sha256:" + "0" * 64, 7):  # what a checkpoint copied from another build carries; a damaged one
+    for n, foreign in enumerate(("sha256:" + "0" * 64, 7)):  # a checkpoint copied from another build; a damaged one
+        wd = copy_workdir(tiny_build, tmp_path / f"wd{n}")
+        assert wd.load_class(0)[1]["build"] == wd.record_digest()
         rewrite_class(wd, 0, meta={"build": foreign})
         result = merge(wd.path, "-o", tmp_path / "x.d3m")
         assert result.exit_code == 1 and "000000.safetensors is damaged: it belongs to another build" in result.stderr
