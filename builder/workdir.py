@@ -150,7 +150,8 @@ def _record_problem(record) -> str | None:
     """What is wrong with a settings.json record's shape, or None (its values are checked by the manifest)."""
     if not isinstance(record, dict) or not set(RECORD_KEYS) <= set(record) <= {*RECORD_KEYS, *OPTIONAL_RECORD_KEYS}:
         return "not a d3m-build settings record"
-    if "embedding_dim" in record and (not isinstance(record["embedding_dim"], int) or record["embedding_dim"] < 1):
+    dim = record.get("embedding_dim", 1)
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         return "embedding_dim must be a positive integer"
     s = record["settings"] if isinstance(record["settings"], dict) else {}
     inversion = s.get("inversion") if isinstance(s.get("inversion"), dict) else {}
@@ -177,14 +178,34 @@ def _checkpoint_problem(tensors: dict, meta, record: dict) -> str | None:
         if len(got) != len(shape) or any(w is not None and w != n for w, n in zip(shape, got)):
             what = " (the model's embedding width)" if name == "embedding" and got[-1:] != shape[-1:] else ""
             return f"{name} has shape {got}, expected {tuple('D' if w is None else w for w in shape)}{what}"
-    for name in ("embedding", "probs"):
-        if not np.issubdtype(tensors[name].dtype, np.floating) or not np.isfinite(tensors[name]).all():
+    return _tensor_values_problem(tensors) or _meta_problem(meta)
+
+
+FP16_MAX = 65504.0  # the archive stores embeddings as float16
+
+
+def _tensor_values_problem(tensors: dict) -> str | None:
+    """What is wrong with a checkpoint's values (dtypes, ranges, label rows), or None."""
+    emb, probs, seeds, prints = (tensors[k] for k in ("embedding", "probs", "seeds", "fingerprints"))
+    for name, values in (("embedding", emb), ("probs", probs)):
+        if not np.issubdtype(values.dtype, np.floating) or not np.isfinite(values).all():
             return f"{name} holds NaN, infinite or non-float values"
-    return _meta_problem(meta)
+    if np.abs(emb).max(initial=0) > FP16_MAX:
+        return f"embedding holds values beyond float16's range (|x| <= {FP16_MAX:g})"
+    if probs.min(initial=0) < 0 or not np.allclose(probs.sum(axis=1), 1, atol=1e-3):
+        return "probs rows must be probabilities (non-negative, each row summing to 1)"
+    if seeds.dtype != np.int64 or seeds.min(initial=0) < 0:
+        return f"seeds must be non-negative int64, got {seeds.dtype} (smallest {seeds.min(initial=0)})"
+    if prints.dtype != np.uint8:
+        return f"fingerprints must be uint8, got {prints.dtype}"
+    return None
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (not a bool; an integer within float's range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 2**53 if isinstance(value, int) else math.isfinite(value)
 
 
 def _meta_problem(meta) -> str | None:

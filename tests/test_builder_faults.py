@@ -103,6 +103,8 @@ def test_a_poisoned_checkpoint_of_an_older_build_is_named(tiny_build, tmp_path):
     ({"regenerated": "0.5"}, "'regenerated' must be a fraction in 0..1, got '0.5'"),
     ({"real_agreement": 7}, "'real_agreement' must be a fraction in 0..1, got 7"),
     ({"inversion": {"val_loss_init": "x", "val_loss_best": 0.1, "best_step": 0}}, "'inversion' must hold numbers"),
+    ({"inversion": {"val_loss_init": 1.0, "val_loss_best": 0.1, "best_step": 10**400}}, "'inversion' must hold numbers"),
+    ({"regenerated": True}, "'regenerated' must be a fraction in 0..1, got True"),
 ])
 def test_damaged_checkpoint_metadata_is_named_before_anything_is_written(tiny_build, tmp_path, meta, message):
     wd = copy_workdir(tiny_build, tmp_path / "wd")
@@ -113,6 +115,22 @@ def test_damaged_checkpoint_metadata_is_named_before_anything_is_written(tiny_bu
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "classes/000001.safetensors is damaged: metadata" in result.stderr and message in result.stderr
     assert out.read_bytes() == b"the user's file"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: {"seeds": t["seeds"].astype(np.float64)}, "seeds must be non-negative int64, got float64"),
+    (lambda t: {"seeds": -t["seeds"] - 1}, "seeds must be non-negative int64, got int64 (smallest -"),
+    (lambda t: {"fingerprints": t["fingerprints"].astype(np.float32)}, "fingerprints must be uint8, got float32"),
+    (lambda t: {"probs": t["probs"] * 3}, "probs rows must be probabilities"),
+    (lambda t: {"probs": -t["probs"]}, "probs rows must be probabilities"),
+    (lambda t: {"embedding": t["embedding"] * 1e30}, "embedding holds values beyond float16's range"),
+])
+def test_damaged_checkpoint_tensors_are_named(tiny_build, tmp_path, change, message):
+    wd = copy_workdir(tiny_build, tmp_path / "wd")
+    rewrite_class(wd, 1, tensors=change(wd.load_class(1)[0]))
+    result = merge(wd.path, "-o", tmp_path / "x.d3m")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "classes/000001.safetensors is damaged: " + message in result.stderr and not (tmp_path / "x.d3m").exists()
 
 
 def test_a_failure_after_joining_leaves_no_archive_and_the_old_file_as_it_was(tiny_build, tmp_path, monkeypatch):
