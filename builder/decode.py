@@ -47,11 +47,11 @@ def open_image(path: Path, side: int | None) -> Image.Image:
             raise ImageProblem(f"{path}: {w}x{h} px is over the decode budget of {MAX_DECODE_PIXELS / 1e6:.0f} MP "
                                "per image; downscale it (a short side of 2,048 px is plenty) or remove it")
         img.load()
+        return _to_rgb(img, path)
     except ImageProblem:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageProblem(f"unreadable image {path}: {exc}; delete or replace it") from None
-    return _to_rgb(img, path)
 
 
 def _to_rgb(img: Image.Image, path: Path) -> Image.Image:

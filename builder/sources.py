@@ -163,7 +163,7 @@ class ImageFolderSource:
         folder = self.root / self.class_list[c]
         if not folder.is_dir():
             raise D3MError(f"class {self.class_list[c]!r}: folder {folder} does not exist; fix --classes or the data folder")
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
     def check(self, limit: int | None = None) -> None:
         """Every class has images and each of the first ``limit`` per class (those a build reads) decodes."""

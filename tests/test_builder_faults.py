@@ -381,3 +381,15 @@ def test_d3m_build_names_no_library_switch_for_an_uncached_model(tmp_path, monke
                                        r"org/not-cached`") as info:
         load_build_model(BuildSettings(model="org/not-cached", teacher="t"), "cpu", "float32")
     assert "allow_download" not in str(info.value)
+
+
+def test_only_regular_files_are_read_as_images(tmp_path):
+    import os
+
+    data = make_imagefolder(tmp_path / "d", per_class=2)
+    (data / "a_red" / "folder.png").mkdir()
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(data / "a_red" / "pipe.jpg")  # opening it would wait forever for a writer
+    source = ImageFolderSource(data)
+    source.check()
+    assert [p.name for p in source.files(0)] == ["000.png", "001.png"]
