@@ -3,18 +3,21 @@
 ``--label-kind/--k/--values`` become a ``d3mfmt.LabelEncoding`` (:func:`label_encoding`);
 a bad combination, or an explicit ``--k`` above the class count, fails before any work. A build
 records the options it ran with in its work directory (``labels.json``, builder/workdir.py);
-``d3m-build merge`` writes with them unless told otherwise (:func:`recorded_labels`), and
-refuses other ones, so the shards of one build merge into the archive a single run writes.
+``d3m-build merge`` writes with them unless given others (:func:`recorded_labels`: then the
+labels are re-encoded from the checkpoints), and refuses shards that recorded different ones.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 from d3mfmt import D3MError, LabelEncoding
 
 from .workdir import Workdir, label_flags
+
+log = logging.getLogger("d3m-build")
 
 DENSE_VALUES = "f16"  # the dense encoding's value codec unless --values says otherwise
 
@@ -73,13 +76,17 @@ def merge_flags(labels: LabelEncoding, min_agreement: float | None) -> str:
 
 
 def recorded_labels(workdirs: list[Path], labels: LabelEncoding | None) -> LabelEncoding:
-    """The label encoding to write: ``labels`` if given (refused if the build recorded other options), else the build's."""
+    """The label encoding to write: the build's recorded options, or ``labels`` when given.
+
+    Shards that recorded different options are refused (builder.assemble.finished_classes); options
+    given to the merge that differ from the recorded ones re-encode the build's labels, and say so.
+    """
     recorded = next((r for r in (Workdir(p, create=False).labels() for p in workdirs) if r is not None), None)
     if labels is None:
         return LabelEncoding() if recorded is None else label_encoding(recorded["kind"], recorded["k"],
                                                                        recorded["values"])
     asked = {"kind": labels.kind, "k": labels.k, "values": labels.values}
     if recorded is not None and recorded != asked:
-        raise D3MError(f"the build was started with label options {label_flags(recorded)}, this merge asks for "
-                       f"{label_flags(asked)}; merge with the build's options (or leave them out to use them)")
+        log.info("writing the labels as %s (the build ran with %s): the soft labels are re-encoded from the "
+                 "checkpoints, nothing is rendered", label_flags(asked), label_flags(recorded))
     return labels

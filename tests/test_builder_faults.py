@@ -197,17 +197,16 @@ def test_merge_refuses_a_checkpoint_of_another_build(tiny_build, tmp_path):
         assert not (tmp_path / "x.d3m").exists()
 
 
-def test_merge_uses_the_builds_label_options_and_refuses_others(tiny_build, tmp_path):
+def test_merge_uses_the_builds_label_options_and_refuses_shards_that_differ(tiny_build, tmp_path):
     a, b = copy_workdir(tiny_build, tmp_path / "a"), copy_workdir(tiny_build, tmp_path / "b")
     assert a.labels() == {"kind": "topk", "k": 5, "values": "u8sqrt"}  # recorded by the build (the default)
     (b.path / "labels.json").write_text(json.dumps({"kind": "dense", "k": None, "values": "f16"}))
     result = merge(a.path, b.path, "-o", tmp_path / "x.d3m")
     assert result.exit_code == 1 and "was built with label options --label-kind dense --values f16" in result.stderr
-    result = merge(b.path, "-o", tmp_path / "x.d3m", "--label-kind", "topk")
-    assert result.exit_code == 1 and "started with label options --label-kind dense --values f16, this merge " \
-                                      "asks for --label-kind topk --k 5 --values u8sqrt" in result.stderr
     assert merge(b.path, "-o", tmp_path / "x.d3m").exit_code == 0  # no options: the build's
     assert d3mfmt.load_file(tmp_path / "x.d3m").manifest.labels.kind == "dense"
+    assert merge(b.path, "-o", tmp_path / "y.d3m", "--label-kind", "hard").exit_code == 0  # given: re-encoded
+    assert d3mfmt.load_file(tmp_path / "y.d3m").manifest.labels.kind == "hard"
 
 
 # -- 4. class entries --------------------------------------------------------------------------------------------
