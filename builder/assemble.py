@@ -1,9 +1,11 @@
-"""From finished class checkpoints to the archive: label encoding, manifest, write, merge, summary.
+"""From finished class checkpoints to the archive: manifest, join, write (last), merge, summary.
 
 One work directory (a whole build) or several (the shards of one build) hold a
-checkpoint per class; :func:`write_archive` joins them, in class order, through
-d3mfmt's writer (temporary file, then rename), so an archive is either complete
-and valid or absent. :func:`enforce_min_agreement` is the one ``--min-agreement``
+checkpoint per class; :func:`join_classes` joins them, in class order, into the
+archive's bytes (every checkpoint checked first: builder/workdir.py), and
+:func:`write_build` writes them last, after the summary, through one atomic
+write (temporary file, then rename): an archive is either complete and valid
+or absent, and a failure leaves the file a user had at ``-o`` as it was. :func:`enforce_min_agreement` is the one ``--min-agreement``
 rule, applied once, when the archive is written (at the end of a single run, or
 at the merge of a sharded one); a shard only reports its classes below it
 (:func:`below_min_agreement`), so one bad class never stops the other ranks.
@@ -11,22 +13,24 @@ at the merge of a sharded one); a shard only reports its classes below it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import d3mfmt
 from d3mfmt import ClassInfo, D3MError, DatasetInfo, EmbeddingInfo, LabelEncoding, Manifest, SourceInfo, TeacherInfo
+from d3mfmt.files import write_atomic
 from d3mfmt.manifest import generator_from_dict
 from d3mfmt.terminal import printable
 
-from .guards import domain_message, domain_problems
+from .guards import archive_warnings, regenerated_precision
+from .labeloptions import (DENSE_VALUES, check_labels, check_requested_k, fit_labels, label_encoding,  # noqa: F401
+                           merge_flags, recorded_labels)  # (re-exported: callers import them from here)
 from .settings import check_min_agreement
-from .workdir import REBUILD_CLASS, SETTINGS_FILE, Workdir, check_output_path
+from .workdir import REBUILD_CLASS, SETTINGS_FILE, Workdir, check_output_path, label_flags
 
 
-DENSE_VALUES = "f16"  # the dense encoding's value codec unless --values says otherwise
 SHOWN_CLASSES = 20  # classes named in a --min-agreement message
 
 
@@ -37,51 +41,6 @@ class BuildResult:
     out: Path | None
     archive: d3mfmt.Archive | None
     summary: list[str]
-
-
-def label_encoding(kind: str | None = None, k: int | None = None, values: str | None = None,
-                   temperature: float = 1.0) -> LabelEncoding:
-    """A label encoding from its parts; ``None`` takes the default (topk: k 5, u8sqrt; dense: f16)."""
-    default = LabelEncoding()
-    kind = default.kind if kind is None else kind
-    if kind == "hard":
-        if k not in (None, 1) or values is not None or temperature != 1.0:
-            raise D3MError("--label-kind hard stores one class index per patch (the teacher's top-1, whatever "
-                           "the temperature): drop --k, --values and --temperature")
-        return LabelEncoding("hard", 1, None, temperature)
-    if kind == "dense":
-        if k is not None:
-            raise D3MError("--label-kind dense stores every class: drop --k")
-        return LabelEncoding("dense", None, values or DENSE_VALUES, temperature)
-    return LabelEncoding(kind, default.k if k is None else k, values or default.values, temperature)
-
-
-def fit_labels(labels: LabelEncoding, num_classes: int, temperature: float) -> LabelEncoding:
-    """The requested encoding for ``num_classes`` (top-k capped at C), checked; raises D3MError."""
-    if labels.kind == "topk" and isinstance(labels.k, int) and labels.k > num_classes:
-        labels = replace(labels, k=num_classes)
-    labels = replace(labels, temperature=float(temperature))
-    labels.check(num_classes)
-    return labels
-
-
-def check_labels(labels: LabelEncoding, num_classes: int, temperature: float) -> None:
-    """A bad label option fails before the build, in the options' words."""
-    try:
-        fit_labels(labels, num_classes, temperature)
-    except D3MError as exc:
-        detail = str(exc).removeprefix("manifest.json: ")
-        raise D3MError(f"label options (--label-kind, --k, --values) for {num_classes} classes: {detail}") from None
-
-
-def merge_flags(labels: LabelEncoding, min_agreement: float | None) -> str:
-    """The merge options that reproduce this build's label encoding (and threshold)."""
-    flags = f" --label-kind {labels.kind}"
-    if labels.kind == "topk":
-        flags += f" --k {labels.k}"
-    if labels.values is not None:
-        flags += f" --values {labels.values}"
-    return flags + ("" if min_agreement is None else f" --min-agreement {min_agreement:g}")
 
 
 def class_labels(classes) -> list[str]:
@@ -152,14 +111,20 @@ def archive_manifest(record: dict, labels: LabelEncoding, name: str, n_vectors: 
     )
 
 
-def agreement_info(classes: list[dict], metas: list[dict]) -> dict:
-    """Build info: the teacher's top-1 agreement with each class on real and on regenerated patches."""
+def agreement_info(classes: list[dict], metas: list[dict], precision: list[float | None] | None = None) -> dict:
+    """Build info: the teacher's top-1 agreement with each class on real and on regenerated patches.
+
+    ``precision`` (:func:`builder.guards.regenerated_precision`): per class, the share of the
+    regenerated patches (of every class) the teacher takes for it that are its own.
+    """
     per_class = {}
-    for c, m in zip(classes, metas):
+    for c, m in enumerate(metas):
         entry = {"regenerated": round(float(m["regenerated"]), 4)}
+        if precision is not None and precision[c] is not None:
+            entry["precision"] = round(float(precision[c]), 4)
         if m.get("real_agreement") is not None:  # absent in checkpoints of older builds
             entry["real"] = round(float(m["real_agreement"]), 4)
-        per_class[c["id"]] = entry
+        per_class[classes[c]["id"]] = entry
     # per class: textual inversion's validation loss for the initialising word and for the vector kept
     inversion = {c["id"]: {k: round(m["inversion"][k], 6) for k in ("val_loss_init", "val_loss_best", "best_step")}
                  for c, m in zip(classes, metas) if "inversion" in m}  # absent in checkpoints of older builds
@@ -173,13 +138,23 @@ def agreement_info(classes: list[dict], metas: list[dict]) -> dict:
 def finished_classes(workdirs: list[Path]) -> tuple[dict, list[tuple[dict, dict]], Path]:
     """(the build's record, (tensors, meta) per class in class order, the first work directory).
 
-    Raises D3MError if the work directories come from different builds or a class is not built yet.
+    Raises D3MError if a work directory is named twice, the work directories come from different
+    builds or were started with other label options, or a class is not built yet.
     """
+    seen = {}
+    for p in workdirs:
+        key = Path(p).resolve()
+        if key in seen:
+            raise D3MError(f"work directory {p} is named twice (also as {seen[key]}); name each shard's once")
+        seen[key] = p
     wds = [Workdir(p, create=False) for p in workdirs]
     record = wds[0].record()
     for wd in wds[1:]:
         if wd.record() != record:
             raise D3MError(f"{wd.path} was built with other settings than {wds[0].path}; only shards of one build merge")
+        if wd.labels() is not None and wds[0].labels() is not None and wd.labels() != wds[0].labels():
+            raise D3MError(f"{wd.path} was built with label options {label_flags(wd.labels())}, {wds[0].path} with "
+                           f"{label_flags(wds[0].labels())}; only shards of one build merge")
     num_classes = len(record["classes"])
     owner = {c: next((wd for wd in wds if wd.done(c)), None) for c in range(num_classes)}
     missing = [c for c, wd in owner.items() if wd is None]
@@ -189,15 +164,24 @@ def finished_classes(workdirs: list[Path]) -> tuple[dict, list[tuple[dict, dict]
     return record, [owner[c].load_class(c) for c in range(num_classes)], wds[0].path
 
 
-def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: str,
-                  teacher_accuracy: float | None = None, min_agreement: float | None = None) -> d3mfmt.Archive:
-    """Join finished class checkpoints (from one or several shards) into ``out``.
+@dataclass(frozen=True)
+class JoinedArchive:
+    """Every finished class joined into one archive, serialised but not yet written."""
 
-    Raises D3MError (and writes nothing) if a class is missing, or if ``min_agreement``
-    is given and a class's teacher agreement on regenerated patches is below it.
+    archive: d3mfmt.Archive
+    data: bytes  # the archive's bytes
+    metas: list[dict]  # every class's checkpoint metadata, in class order
+
+
+def join_classes(workdirs: list[Path], labels: LabelEncoding | None, name: str, teacher_accuracy: float | None = None,
+                 min_agreement: float | None = None) -> JoinedArchive:
+    """Join finished class checkpoints (from one or several shards) into archive bytes; write nothing.
+
+    Raises D3MError if a class is missing or damaged, or if ``min_agreement`` is given and a
+    class's teacher agreement on regenerated patches is below it. ``labels`` None: the build's.
     """
-    # 1. the output folder, then every class of one build, each above the agreement floor
-    check_output_path(out)
+    # 1. every class of one build, each above the agreement floor
+    labels = recorded_labels(list(workdirs), labels)
     record, parts, first = finished_classes(workdirs)
     metas = [m for _, m in parts]
     enforce_min_agreement(class_labels(record["classes"]), metas, min_agreement,
@@ -208,46 +192,64 @@ def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding, name: 
         raise D3MError(f"class checkpoints hold embeddings of shapes {sorted(widths)}; they come from different "
                        f"models: {REBUILD_CLASS}")
     emb = np.stack([t["embedding"] for t, _ in parts])
+    probs = [t["probs"] for t, _ in parts]
     try:
         manifest = archive_manifest(record, labels, name, emb.shape[1], emb.shape[2], teacher_accuracy,
-                                    agreement_info(record["classes"], metas))
+                                    agreement_info(record["classes"], metas, regenerated_precision(probs)))
     except (KeyError, TypeError, ValueError) as exc:  # a hand-edited record: the manifest's own checks raise D3MError
         raise D3MError(f"{first / SETTINGS_FILE} is damaged ({exc!r}); build again into a new --workdir") from None
-    # 3. tensors and labels through d3mfmt's writer (temporary file, then rename)
+    # 3. tensors and labels through d3mfmt's writer, in memory
     archive = d3mfmt.Archive(
         manifest,
         embeddings=emb.astype(np.float16),
         seeds=np.stack([t["seeds"] for t, _ in parts]),
-        labels=d3mfmt.encode_labels(np.concatenate([t["probs"] for t, _ in parts]), manifest.labels),
+        labels=d3mfmt.encode_labels(np.concatenate(probs), manifest.labels),
         fingerprints=np.stack([t["fingerprints"] for t, _ in parts]),
     )
-    d3mfmt.save_file(archive, out)
-    return archive
+    return JoinedArchive(archive, d3mfmt.save(archive), metas)
 
 
-def merge_archives(workdirs: list[Path], out: Path, *, labels: LabelEncoding,
-                   min_agreement: float | None = None) -> BuildResult:
-    """Write ``out`` from the finished work directories of every shard of one build."""
+def write_archive(workdirs: list[Path], out: Path, labels: LabelEncoding | None, name: str,
+                  teacher_accuracy: float | None = None, min_agreement: float | None = None) -> d3mfmt.Archive:
+    """Join finished class checkpoints into ``out`` (:func:`join_classes`, then one atomic write, last)."""
+    check_output_path(out)
+    joined = join_classes(workdirs, labels, name, teacher_accuracy, min_agreement)
+    write_atomic(out, joined.data)
+    return joined.archive
+
+
+def write_build(workdirs: list[Path], out: Path, labels: LabelEncoding | None, seconds: float | None = None,
+                teacher_accuracy: float | None = None, min_agreement: float | None = None) -> BuildResult:
+    """Join, summarise, then write ``out`` last: a failure before leaves no new archive and the old one as it was."""
     out = Path(out)
+    check_output_path(out)
+    joined = join_classes(workdirs, labels, out.name.removesuffix(".d3m"), teacher_accuracy, min_agreement)
+    summary = summarize_build(out, joined, seconds)
+    write_atomic(out, joined.data)
+    return BuildResult(out, joined.archive, summary)
+
+
+def merge_archives(workdirs: list[Path], out: Path, *, labels: LabelEncoding | None = None,
+                   min_agreement: float | None = None) -> BuildResult:
+    """Write ``out`` from the finished work directories of every shard of one build (``labels`` None: the build's)."""
     if not workdirs:
         raise D3MError("merge needs at least one work directory")
     check_min_agreement(min_agreement)
-    archive = write_archive(list(workdirs), out, labels, out.name.removesuffix(".d3m"), min_agreement=min_agreement)
-    return BuildResult(out, archive, summarize_build(list(workdirs), out, archive, None))
+    return write_build(list(workdirs), out, labels, min_agreement=min_agreement)
 
 
-def summarize_build(workdirs: list[Path], out: Path, archive: d3mfmt.Archive, seconds: float | None) -> list[str]:
+def summarize_build(out: Path, joined: JoinedArchive, seconds: float | None) -> list[str]:
     """Closing summary: seconds per stage, bytes per member, teacher agreement and the classes it flags."""
     from d3mfmt.container import read_zip
 
+    archive, metas = joined.archive, joined.metas
     classes = archive.manifest.dataset.classes
-    metas = [m for _, m in finished_classes(workdirs)[1]]
-    stages = {k: sum(m["seconds"][k] for m in metas) for k in metas[0]["seconds"]}
+    stages = {k: sum(m["seconds"].get(k, 0) for m in metas) for k in metas[0]["seconds"]}
     lines = [f"built {out}" + (f" in {seconds:.0f}s (this run; resumed classes excluded)" if seconds is not None else "")]
     lines += [f"  stage {k:<8}{v:8.1f}s (all classes)" for k, v in stages.items()]
-    for member, payload in read_zip(out.read_bytes()).items():
+    for member, payload in read_zip(joined.data).items():
         lines.append(f"  {member:<22}{len(payload):>10,} bytes")
-    lines.append(f"  file                  {out.stat().st_size:>10,} bytes")
+    lines.append(f"  file                  {len(joined.data):>10,} bytes")
     real = [m.get("real_agreement") for m in metas]
     regen = [m["regenerated"] for m in metas]
     known = [r for r in real if r is not None]
@@ -255,8 +257,6 @@ def summarize_build(workdirs: list[Path], out: Path, archive: d3mfmt.Archive, se
                  + (f" (on the selected real patches: {100 * np.mean(known):.1f}%)" if known else ""))
     if archive.manifest.teacher.accuracy is not None:
         lines.append(f"  teacher accuracy on held-out real images: {100 * archive.manifest.teacher.accuracy:.1f}%")
-    low = domain_problems(real, regen)
-    if low:
-        lines.append(f"  WARNING: {len(low)} of {len(classes)} classes render poorly for the teacher:")
-        lines += [f"    {domain_message(classes[c].name, real[c], regen[c])}" for c in low]
+    precision = [archive.manifest.build["agreement"][c.id].get("precision") for c in classes]
+    lines += archive_warnings(classes, real, regen, precision)
     return lines

@@ -148,7 +148,7 @@ def _shard_help() -> str:
                    "[default: float16 on CUDA, float32 on the CPU].")
 def build_command(**options) -> None:
     """Distil the ImageFolder DATA (or the built-in MNIST split with --demo) into the archive OUT."""
-    from .assemble import label_encoding
+    from .assemble import check_requested_k, label_encoding
     from .pipeline import build_archive
     from .settings import DEMO_TEACHER, RunOptions
     from .shards import parse_shard
@@ -158,6 +158,7 @@ def build_command(**options) -> None:
         # 1. options onto the source, the settings, the label encoding and the run
         source, settings = _source_and_settings(options)
         labels = label_encoding(options["label_kind"], options["k"], options["values"], settings.temperature)
+        check_requested_k(options["k"], len(source.classes))
         run = RunOptions(**_given(shard=None if options["shard"] is None else parse_shard(options["shard"]),
                                   device=options["device"], dtype=options["dtype"],
                                   min_agreement=options["min_agreement"]),
@@ -211,11 +212,16 @@ def _source_and_settings(options: dict):
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Archive to write.")
 @_label_options
 def merge_command(workdirs, out, label_kind, k, values, min_agreement) -> None:
-    """Write OUT from the finished work directories of every shard of one build (labels: as the build used)."""
-    from .assemble import label_encoding, merge_archives
+    """Write OUT from the finished work directories of every shard of one build (labels: as the build recorded)."""
+    from .assemble import check_requested_k, label_encoding, merge_archives
+    from .workdir import Workdir
 
     with _errors():
-        labels = label_encoding(label_kind, k, values)  # the temperature comes from the build's record
+        # the build's label options unless given (the temperature always comes from the build's record)
+        given = (label_kind, k, values) != (None, None, None)
+        labels = label_encoding(label_kind, k, values) if given else None
+        if k is not None:
+            check_requested_k(k, len(Workdir(workdirs[0], create=False).record()["classes"]))
         result = merge_archives(list(workdirs), out, labels=labels, min_agreement=min_agreement)
     _report(result)
 

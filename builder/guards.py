@@ -9,7 +9,11 @@
 2. **Model domain.** After a class is regenerated, the teacher's agreement
    with the class on regenerated patches is compared with its agreement on the
    selected real patches. Far below (d3mfmt.agreement.low_agreement) means the model does not render this
-   class the way the teacher sees it; the archive would train poorly.
+   class the way the teacher sees it; the archive would train poorly. When every class is done, a class is
+   also low when its *precision* is: over half of the regenerated patches (of every class) the teacher takes
+   for it are other classes' (the teacher's predictions pile up on it), and an archive whose overall
+   agreement is near chance (d3mfmt.agreement.near_chance) is flagged. Before each class's inversion, a few
+   renders of the class name warn early (:func:`early_domain_check`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import numpy as np
 import torch
 
 from d3mfmt import ClassInfo, D3MError
+from d3mfmt.agreement import LOW_PRECISION, low_agreement, near_chance, near_chance_limit
 from d3mfmt.files import write_atomic
-from d3mfmt.agreement import low_agreement
 
 ORDER_SAMPLE = 32  # real images per class the class-order check classifies
 ORDER_MISMATCH = 0.5  # a class is misordered when over half its images go to one other class d, the best
@@ -156,14 +160,73 @@ def check_class_order(counts: np.ndarray, classes: list[ClassInfo], suggestion: 
                    "(or --ignore-class-order if this is intended). No archive was written.")
 
 
-def domain_problems(real: list[float | None], regenerated: list[float]) -> list[int]:
-    """Classes whose regenerated-patch agreement is far below the real one (or under 50 %): d3m-inspect's rule."""
-    return [c for c, (r, g) in enumerate(zip(real, regenerated)) if low_agreement(r, g)]
+def domain_problems(real: list[float | None], regenerated: list[float],
+                    precision: list[float | None] | None = None) -> list[int]:
+    """Classes whose regenerated-patch agreement is far below the real one (or under 50 %), or whose
+    precision on regenerated patches is under 50 %: d3m-inspect's rule (d3mfmt.agreement)."""
+    precision = [None] * len(regenerated) if precision is None else precision
+    return [c for c, (r, g, p) in enumerate(zip(real, regenerated, precision)) if low_agreement(r, g, p)]
 
 
-def domain_message(name: str, real: float | None, regenerated: float) -> str:
+def domain_message(name: str, real: float | None, regenerated: float, precision: float | None = None) -> str:
     """One sentence a user understands."""
     real_text = "" if real is None else f" (real patches: {100 * real:.0f}%)"
+    piled = "" if precision is None or precision >= LOW_PRECISION else (
+        f", and only {100 * precision:.0f}% of the regenerated patches it takes for this class are this class's "
+        "(the rest are other classes' renders: its predictions pile up here)")
     return (f"class {name!r}: the teacher agrees with the class on {100 * regenerated:.0f}% of regenerated patches"
-            f"{real_text}; the model does not render this class's images the way your teacher sees them, "
+            f"{real_text}{piled}; the model does not render this class's images the way your teacher sees them, "
             "so the archive will train poorly; use a model that covers this data")
+
+
+def regenerated_precision(probs: list[np.ndarray]) -> list[float | None]:
+    """Per class ``d``: of every class's regenerated patches the teacher takes for ``d`` (top-1), the share that
+    are ``d``'s own; None where the teacher takes none for ``d``. ``probs[c]`` is class c's ``[patches, C]``."""
+    num_classes = len(probs)
+    top = [p.argmax(axis=1) for p in probs]
+    taken = sum(np.bincount(t, minlength=num_classes)[:num_classes] for t in top)
+    own = np.array([int((t == c).sum()) for c, t in enumerate(top)])
+    return [None if taken[c] == 0 else float(own[c] / taken[c]) for c in range(num_classes)]
+
+
+def archive_warnings(classes: list[ClassInfo], real: list[float | None], regenerated: list[float],
+                     precision: list[float | None]) -> list[str]:
+    """The closing summary's warnings: an archive near chance overall, then every class the rule flags."""
+    lines = []
+    mean = float(np.mean(regenerated))
+    if near_chance(mean, len(classes)):
+        lines.append(f"  WARNING: overall the teacher agrees with the class on {100 * mean:.1f}% of regenerated "
+                     f"patches, near chance for {len(classes)} classes ({100 / len(classes):.1f}%; flagged under "
+                     f"{100 * near_chance_limit(len(classes)):.1f}%): this archive will not train a useful student; "
+                     "use a model that covers this data, or a teacher trained on it")
+    low = domain_problems(real, regenerated, precision)
+    if low:
+        lines.append(f"  WARNING: {len(low)} of {len(classes)} classes render poorly for the teacher:")
+        lines += [f"    {domain_message(classes[c].name, real[c], regenerated[c], precision[c])}" for c in low]
+    return lines
+
+
+EARLY_RENDERS = 2  # images rendered from the class name before a class's inversion (the early domain check)
+
+
+def class_name_vectors(pipe, name: str, n_vectors: int) -> np.ndarray | None:
+    """``[n_vectors, D]``: the mean token embedding of the class name (None if it has no tokens), as fp16 values."""
+    ids = pipe.tokenizer(name, add_special_tokens=False).input_ids
+    if not ids:
+        return None
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    vector = table[ids].float().mean(dim=0).cpu().numpy()
+    return np.repeat(vector[None], n_vectors, axis=0).astype(np.float16).astype(np.float32)
+
+
+def early_domain_check(regen, c: int, seeds: list[int], teacher, grid: int, device: str) -> tuple[float, int]:
+    """(the teacher's agreement with class ``c`` on patches of ``seeds``' renders, the class it takes most of them for).
+
+    ``regen`` renders the class name's vectors (:func:`class_name_vectors`) as row 0: a few
+    renders, before the minutes of inversion, tell whether the model draws what the teacher knows.
+    """
+    from .labelling import render_and_label
+
+    probs, _, _ = render_and_label(regen, 0, seeds, teacher, grid, 1.0, None, device)
+    top = probs.argmax(axis=1)
+    return float((top == c).mean()), int(np.bincount(top).argmax())

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from d3mfmt import D3MError, GeneratorInfo, ModelRef
+from d3mfmt.errors import D3MModelError
 from d3mfmt.cpucost import cpu_cost_message
 from d3mfmt.generator import applied_scheduler_config, shared_pipeline
 from d3mfmt.modelpin import ModelFiles, model_files
@@ -28,9 +30,27 @@ from .settings import BuildSettings
 log = logging.getLogger("d3m-build")
 
 
+# d3mfmt's hints for a model missing from the cache name the library's allow_download=True, an option
+# d3m-build does not have (a build never downloads): said in d3m-build's terms instead
+_LIBRARY_HINTS = ((re.compile(r" \(or pass allow_download=True[^)]*\)"), ""),
+                  (re.compile(r"pass allow_download=True \([^)]*\) or run"), "run"))
+
+
+def build_hint(message: str) -> str:
+    """A model-resolution message in d3m-build's terms: the download command, no library switch."""
+    for pattern, replacement in _LIBRARY_HINTS:
+        message = pattern.sub(replacement, message)
+    if "allow_download" in message:  # a form not known here: say what the switch means for d3m-build
+        message += " (d3m-build never downloads: fetch the model first, e.g. with `hf download`)"
+    return message
+
+
 def load_build_model(settings: BuildSettings, device: str, dtype: str) -> tuple[ModelFiles, object]:
     """(the pinned files, the shared pipeline) of ``settings.model`` in ``dtype`` on ``device``."""
-    path = resolve_model(settings.model, settings.revision, variant=settings.variant)
+    try:
+        path = resolve_model(settings.model, settings.revision, variant=settings.variant)
+    except D3MModelError as exc:
+        raise D3MModelError(build_hint(str(exc))) from None
     files = model_files(path, settings.variant)
     if files.variant is not None and settings.variant is None:
         log.info("model %s holds only %r weights: loading those (--variant %s)", printable(settings.model),

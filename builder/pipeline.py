@@ -5,18 +5,24 @@ Per class (independent of every other class, so shards agree with a single run):
 1. load the class's real images;
 2. select the grid²·IPC most informative patches with the teacher;
 3. tile them into IPC collages;
-4. textual inversion: learn the class token on those collages;
-5. seeds: IPC per class (optionally the best of M candidates each);
-6. regenerate every image through d3mfmt's generator, split into patches,
+4. the early domain check: a few renders of the class name, labelled by the
+   teacher, warn before the minutes of inversion (builder/guards.py);
+5. textual inversion: learn the class token on those collages;
+6. seeds: IPC per class (optionally the best of M candidates each);
+7. regenerate every image through d3mfmt's generator, split into patches,
    teacher -> soft label per patch, fingerprint per image;
-7. checkpoint the class in the work directory (atomic write).
+8. checkpoint the class in the work directory (atomic write).
 
 Before the first class, the model is resolved (SDXL, other pipelines and
 single files refused before any data is read, builder/model.py), the teacher
 loaded, and the preflight run once per build (builder/preflight.py: data
-check, listing, class-order matrix). When every class is done the archive is
-written (builder/assemble.py); ``--min-agreement`` is enforced once, then: a
-class below it is recorded and reported, and the build goes on.
+check, listing, class-order matrix). Every teacher call is checked
+(builder/teachers.py, ``CheckedTeacher``): one that raises, returns another
+shape or NaN/Inf logits stops the build at once, naming class and teacher,
+before that class is checkpointed. When every class is done the archive is
+joined, summarised and written last (builder/assemble.py); ``--min-agreement``
+is enforced once, then: a class below it is recorded and reported, and the
+build goes on.
 
 Example:
     >>> from builder.pipeline import build_archive
@@ -39,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d3mfmt import GeneratorInfo, LabelEncoding, Manifest, RenderOptions
+from d3mfmt import D3MError, GeneratorInfo, LabelEncoding, Manifest, RenderOptions
 from d3mfmt.agreement import LOW_AGREEMENT_FLOOR
 from d3mfmt.devices import check_device
 from d3mfmt.generator import Regenerator, default_dtype
@@ -47,8 +53,8 @@ from d3mfmt.manifest import generator_to_dict
 from d3mfmt.terminal import printable
 
 from .assemble import (BuildResult, archive_manifest, below_min_agreement, check_labels, class_labels, merge_flags,
-                       summarize_build, write_archive)
-from .guards import check_class_order, domain_message, domain_problems
+                       write_build)
+from .guards import EARLY_RENDERS, check_class_order, class_name_vectors, domain_message, domain_problems, early_domain_check
 from .inversion import invert_class_token
 from .labelling import choose_seeds, class_generator, class_seeds, render_and_label
 from .model import generator_info, load_build_model, native_resolution, warn_cpu_cost
@@ -56,7 +62,7 @@ from .patches import make_collages, select_patches
 from .preflight import run_preflight
 from .settings import BuildSettings, RunOptions, check_settings, resolve_settings
 from .shards import shard_classes, shard_device
-from .teachers import check_teacher_width, resolve_teacher, teacher_identity
+from .teachers import CheckedTeacher, TeacherError, check_teacher_width, resolve_teacher, teacher_identity
 from .workdir import Workdir, check_output_path
 
 log = logging.getLogger("d3m-build")
@@ -90,7 +96,11 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
     out = Path(out)
     workdir = Path(workdir) if workdir is not None else out.with_name(out.name + ".work")
     start = time.perf_counter()
-    wd = build_classes(prepare(source, settings, run, workdir, out, labels), workdir, run)
+    ctx = prepare(source, settings, run, workdir, out, labels)
+    bound = Workdir(workdir)
+    bound.bind(ctx.record)
+    bound.bind_labels(labels)  # a shard's merge uses them; another run's must match
+    wd = build_classes(ctx, workdir, run)
     seconds = time.perf_counter() - start
     if run.shard[1] > 1:
         mine = shard_classes(len(source.classes), run.shard)
@@ -100,9 +110,7 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
             *below_min_agreement([class_labels(source.classes)[c] for c in mine],
                                  [wd.load_class(c)[1] for c in mine], run.min_agreement)])
     # --min-agreement: enforced once, here, on every class (the build recorded and went on)
-    archive = write_archive([wd.path], out, labels, out.name.removesuffix(".d3m"), teacher_accuracy,
-                            min_agreement=run.min_agreement)
-    return BuildResult(out, archive, summarize_build([wd.path], out, archive, seconds))
+    return write_build([wd.path], out, labels, seconds, teacher_accuracy, min_agreement=run.min_agreement)
 
 
 def build(source, settings: BuildSettings, workdir: Path, *, run: RunOptions = RunOptions(),
@@ -147,6 +155,7 @@ def prepare(source, settings: BuildSettings, run: RunOptions, workdir: Path, out
     patch_side = gen.height // settings.grid
     check_teacher_width(teacher, len(classes), patch_side, device)
     teacher_id = teacher_identity(teacher)
+    teacher = CheckedTeacher(teacher, teacher_name, len(classes))  # every later call checked, batch by batch
     # 3. the preflight, once per build (every rank and restart reuses it): data check, listing, class order
     pre = run_preflight(source, teacher, side=patch_side, limit=settings.patches.max_images, teacher_id=teacher_id,
                         device=device, workdir=workdir, progress=run.progress)
@@ -157,14 +166,15 @@ def prepare(source, settings: BuildSettings, run: RunOptions, workdir: Path, out
             log.warning("class %s: the teacher takes only %.0f%% of its real images for this class; is the teacher "
                         "trained on this data, in this class order?", printable(classes[c].name), 100 * order.agreement[c])
     # 4. the record that binds the work directory; the archive it will make must be valid
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     record = {
         "settings": settings.to_json(),
         "classes": [asdict(c) for c in classes],
         "source": asdict(pre.source),
         "generator": generator_to_dict(gen),
         "teacher": {"name": teacher_name, "identity": teacher_id},
+        "embedding_dim": int(dim),  # every checkpoint's embedding width: checked before the merge
     }
-    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     Manifest.from_json(archive_manifest(record, LabelEncoding(), "preflight", settings.inversion.n_vectors, dim).to_json())
     return BuildContext(source, settings, gen, pipe, teacher, device, record, pre.files)
 
@@ -181,7 +191,11 @@ def build_classes(ctx: BuildContext, workdir: Path, run: RunOptions) -> Workdir:
     if len(todo) < len(mine):
         log.info("resuming: %d of %d classes already done in %s", len(mine) - len(todo), len(mine), wd.path)
     for c in tqdm(todo, desc="classes", unit="class", disable=not run.progress):
-        tensors, meta = build_class(ctx, c)
+        try:
+            tensors, meta = build_class(ctx, c)
+        except TeacherError as exc:
+            raise D3MError(f"class {printable(classes[c].name)!r}: {exc}; no checkpoint was written for this class "
+                           f"(finished classes stay in {wd.path})") from None
         wd.save_class(c, tensors, meta)
         if domain_problems([meta["real_agreement"]], [meta["regenerated"]]):
             log.warning(printable(domain_message(classes[c].name, meta["real_agreement"], meta["regenerated"])))
@@ -192,8 +206,23 @@ def build_classes(ctx: BuildContext, workdir: Path, run: RunOptions) -> Workdir:
     return wd
 
 
+def early_check(ctx: BuildContext, c: int, name: str) -> None:
+    """Warn when the teacher takes under half the patches of a few class-name renders for class ``c``."""
+    s = ctx.settings
+    vectors = class_name_vectors(ctx.pipe, ctx.source.classes[c].name, s.inversion.n_vectors)
+    if vectors is None:
+        return
+    regen = Regenerator(ctx.generator, vectors[None], RenderOptions(device=ctx.device, dtype=ctx.generator.dtype))
+    agreement, top = early_domain_check(regen, c, class_seeds(s.seed, c, EARLY_RENDERS), ctx.teacher, s.grid, ctx.device)
+    if agreement < LOW_AGREEMENT_FLOOR:
+        log.warning("class %s: before inversion, the teacher takes %.0f%% of the patches of %d renders of the class "
+                    "name for this class (most for %s); if regenerated patches stay this low the archive will train "
+                    "poorly: check that the model covers this data (--min-agreement refuses such an archive)",
+                    name, 100 * agreement, EARLY_RENDERS, printable(repr(ctx.source.classes[top].name)))
+
+
 def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
-    """Steps 1-6 for class ``c``; returns (tensors, metadata) for its checkpoint."""
+    """Steps 1-7 for class ``c``; returns (tensors, metadata) for its checkpoint (step 8)."""
     s, gen, teacher, device = ctx.settings, ctx.generator, ctx.teacher, ctx.device
     info = ctx.source.classes[c]
     g, val_g = class_generator(s.seed, c, 1), class_generator(s.seed, c, 2)
@@ -213,12 +242,14 @@ def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     with torch.no_grad():
         real_agreement = float((teacher(patches.to(device)).argmax(1).cpu() == c).float().mean())
     times["select"] = time.perf_counter() - t0
-    # 4. textual inversion
+    # 4. a few renders of the class name first: a model that cannot draw the class warns now, not after inversion
+    early_check(ctx, c, name)
+    # 5. textual inversion
     t0 = time.perf_counter()
     vectors, _, inversion = invert_class_token(ctx.pipe, collages, info.name, gen.prompt_template, gen.placeholder,
                                                s.inversion, g, val_g)
     times["invert"] = time.perf_counter() - t0
-    # 5-6. seeds, regeneration through d3mfmt, soft labels, fingerprints
+    # 6-7. seeds, regeneration through d3mfmt, soft labels, fingerprints
     t0 = time.perf_counter()
     # the archive stores fp16 vectors: label exactly what a consumer will render from them
     vectors = vectors.astype(np.float16).astype(np.float32)

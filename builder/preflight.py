@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from d3mfmt import D3MError, SourceInfo
+from d3mfmt.terminal import printable
 
 from .guards import ORDER_SAMPLE, confusion_row
 from .once import compute_once
+from .teachers import TeacherError
 
 log = logging.getLogger("d3m-build")
 
@@ -72,7 +74,10 @@ def compute_preflight(source, teacher, side: int, limit: int, device: str, progr
     scans = []
     for c in tqdm(range(num_classes), desc="preflight", unit="class", disable=not progress):
         scan = source.scan(c, limit, side, ORDER_SAMPLE)
-        counts[c] = confusion_row(teacher, scan.sample, num_classes, device)
+        try:
+            counts[c] = confusion_row(teacher, scan.sample, num_classes, device)
+        except TeacherError as exc:
+            raise D3MError(f"class {printable(source.classes[c].name)!r} (preflight, on its real images): {exc}") from None
         scans.append(scan.without_sample())
     files = None if scans[0].files is None else [scan.files[:limit] for scan in scans]
     return {"source": asdict(source.info(scans)), "files": files, "counts": counts.tolist()}

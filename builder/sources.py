@@ -17,19 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from d3mfmt import ClassInfo, D3MError, SourceInfo
 from d3mfmt.mnist import MNIST_CLASS_NAMES, load_mnist, to_rgb32
 
+from .classlist import check_class_entry, read_class_list  # noqa: F401 (read_class_list: re-exported)
+from .decode import ImageProblem, open_image
 from .prefetch import IMAGE_CHUNK, ImageStream, prefetch_map, stacked
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def _rgb_uint8(img: Image.Image, side: int) -> torch.Tensor:
-    """PIL image -> uint8 [3, side, side]: shorter side resized to ``side`` (bicubic), centre crop."""
-    img = img.convert("RGB")
+    """8-bit RGB PIL image (:func:`builder.decode.open_image`) -> uint8 [3, side, side]: shorter side resized to
+    ``side`` (bicubic), centre crop."""
     w, h = img.size
     scale = side / min(w, h)
     img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
@@ -45,9 +47,30 @@ def _rgb_tensor(img: Image.Image, side: int) -> torch.Tensor:
 
 
 def _decode(path: Path, side: int | None) -> torch.Tensor | None:
-    """Fully decode ``path`` (D3MError if it cannot be); its uint8 tensor at ``side``, or None without one."""
-    with _open_rgb(path) as img:
+    """Fully decode ``path`` (ImageProblem if it cannot be); its uint8 tensor at ``side``, or None without one."""
+    with open_image(path, side) as img:
         return None if side is None else _rgb_uint8(img, side)
+
+
+def _try_decode(path: Path, side: int | None) -> torch.Tensor | ImageProblem | None:
+    """:func:`_decode`, with the problem returned instead of raised (so a class lists every bad file at once)."""
+    try:
+        return _decode(path, side)
+    except ImageProblem as problem:
+        return problem
+
+
+SHOWN_PROBLEMS = 20  # bad images named in one message
+
+
+def refuse_bad_images(class_id: str, problems: list[ImageProblem], read: int) -> None:
+    """One D3MError naming every bad image of a class (the first :data:`SHOWN_PROBLEMS`), or nothing."""
+    if not problems:
+        return
+    shown = "; ".join(str(p) for p in problems[:SHOWN_PROBLEMS])
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    raise D3MError(f"class {class_id!r}: {len(problems)} of the {read} images a build reads cannot be used: "
+                   f"{shown}{more}")
 
 
 @dataclass(frozen=True)
@@ -68,16 +91,6 @@ def listing_digest(entries) -> str:
     for rel, size in entries:
         digest.update(f"{rel}\0{size}\n".encode())
     return f"sha256:{digest.hexdigest()}"
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    """Open and fully decode an image; a D3MError naming the file if it cannot be."""
-    try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise D3MError(f"unreadable image {path}: {exc}; delete or replace it") from None
 
 
 @dataclass
@@ -138,6 +151,8 @@ class ImageFolderSource:
             self.class_list = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not self.class_list:
             raise D3MError(f"data folder {self.root} has no class sub-folders; expected ROOT/<class>/<image files>")
+        for i, cid in enumerate(self.class_list):
+            check_class_entry(cid, None if self.names is None else self.names[i], self.root)
 
     @property
     def classes(self) -> list[ClassInfo]:
@@ -148,7 +163,7 @@ class ImageFolderSource:
         folder = self.root / self.class_list[c]
         if not folder.is_dir():
             raise D3MError(f"class {self.class_list[c]!r}: folder {folder} does not exist; fix --classes or the data folder")
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
     def check(self, limit: int | None = None) -> None:
         """Every class has images and each of the first ``limit`` per class (those a build reads) decodes."""
@@ -159,8 +174,8 @@ class ImageFolderSource:
                     f"class {self.class_list[c]!r}: no images in {self.root / self.class_list[c]} "
                     f"(looked for {', '.join(IMAGE_SUFFIXES)}); remove the class or add images"
                 )
-            for path in files[:limit]:
-                _open_rgb(path).close()
+            results = [_try_decode(path, None) for path in files[:limit]]
+            refuse_bad_images(self.class_list[c], [r for r in results if isinstance(r, ImageProblem)], len(results))
 
     def info(self, scans: list[ClassScan] | None = None) -> SourceInfo:
         """The source section: the folder's name and the digest of every file's path and size.
@@ -193,7 +208,8 @@ class ImageFolderSource:
                            f"(looked for {', '.join(IMAGE_SUFFIXES)}); remove the class or add images")
         sizes = [p.stat().st_size for p in files]
         read = files[: max(limit or len(files), sample)]
-        decoded = list(prefetch_map(lambda i: _decode(read[i], side if i < sample else None), range(len(read))))
+        decoded = list(prefetch_map(lambda i: _try_decode(read[i], side if i < sample else None), range(len(read))))
+        refuse_bad_images(self.class_list[c], [x for x in decoded if isinstance(x, ImageProblem)], len(read))
         images = [x for x in decoded[:sample] if x is not None]
         sample_images = torch.stack(images).float().div_(255) if images else torch.empty(0, 3, side, side)
         return ClassScan([p.name for p in files], sizes, sample_images)
@@ -207,30 +223,6 @@ class ImageFolderSource:
     def images(self, c: int, side: int, limit: int | None = None) -> torch.Tensor:
         out = []
         for path in self.files(c)[:limit]:
-            with _open_rgb(path) as img:
+            with open_image(path, side) as img:
                 out.append(_rgb_tensor(img, side))
         return torch.stack(out)
-
-
-def read_class_list(path: Path) -> tuple[list[str], list[str] | None]:
-    """``--classes FILE``: one class per line, ``id`` or ``id<TAB or space>name``.
-
-    A line with a tab splits at the first tab (so folder names may hold spaces); otherwise at the first space.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise D3MError(f"--classes {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise D3MError(f"--classes {path} is not UTF-8 text; save it as UTF-8, one class folder per line") from None
-    lines = [ln.strip(" \r\n") for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    if not lines:
-        raise D3MError(f"--classes {path} lists no classes; write one class folder name per line")
-    ids, names = [], []
-    for line in lines:
-        parts = line.split("\t", 1) if "\t" in line else line.split(None, 1)
-        ids.append(parts[0])
-        names.append(parts[1] if len(parts) > 1 else parts[0])
-    if len(set(ids)) != len(ids):
-        raise D3MError(f"--classes {path}: class ids must be unique")
-    return ids, names

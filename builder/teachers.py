@@ -206,3 +206,47 @@ def check_teacher_width(model: torch.nn.Module, num_classes: int, side: int, dev
             f"the teacher returns logits of shape {tuple(out.shape)}, but the data has {num_classes} classes; "
             "use a teacher trained on these classes in this order (see --classes)"
         )
+
+
+class TeacherError(D3MError):
+    """A teacher call raised, or returned logits a build cannot use (the build names the class)."""
+
+
+def logits_problem(out, rows: int, num_classes: int) -> str | None:
+    """What is wrong with one batch's logits, or None: one finite float row of ``num_classes`` per image."""
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a {out.dtype} tensor"
+        return f"returned {got}, expected one float tensor of logits [batch, classes]"
+    if out.ndim != 2 or out.shape[0] != rows or out.shape[1] != num_classes:
+        return (f"returned logits of shape {tuple(out.shape)} for {rows} images, expected ({rows}, {num_classes}): "
+                "one row per image, one logit per class")
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        bad = int((~finite).any(dim=1).sum())
+        return f"returned NaN or infinite logits for {bad} of {rows} images"
+    return None
+
+
+class CheckedTeacher(nn.Module):
+    """The build's teacher with every call checked (:func:`logits_problem`); a failure is a :class:`TeacherError`.
+
+    So a teacher that raises mid-run, returns a wrong shape or NaN/Inf logits stops the build at
+    the batch where it happens, before anything computed from those logits is stored.
+    """
+
+    def __init__(self, model: nn.Module, name: str, num_classes: int):
+        super().__init__()
+        self.model, self.name, self.num_classes = model, name, num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self.model(images)
+        except Exception as exc:  # the user's code: any error, named
+            raise TeacherError(f"the teacher {self.name!r} raised {_describe(exc)} on a batch of shape "
+                               f"{tuple(images.shape)}; fix the teacher (it must map any batch of RGB images "
+                               "in [0, 1] to logits)") from None
+        problem = logits_problem(out, len(images), self.num_classes)
+        if problem:
+            raise TeacherError(f"the teacher {self.name!r} {problem} (a batch of shape {tuple(images.shape)}); "
+                               "fix the teacher: nothing computed from that batch was stored")
+        return out

@@ -8,11 +8,14 @@ build runs before its first class.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import safetensors
 import safetensors.numpy
 
@@ -21,6 +24,10 @@ from d3mfmt.files import write_atomic
 from d3mfmt.terminal import printable
 
 SETTINGS_FILE = "settings.json"
+LABELS_FILE = "labels.json"  # the label options the build was started with (the merge's default)
+RECORD_KEYS = ("settings", "classes", "source", "generator", "teacher")  # what every record holds
+OPTIONAL_RECORD_KEYS = ("embedding_dim",)  # absent in work directories of older builds (added on resume)
+LABEL_FIELDS = ("kind", "k", "values")
 REBUILD_CLASS = "delete it and run the same build again (same --workdir) to rebuild that class, then merge"
 
 
@@ -54,11 +61,39 @@ class Workdir:
         f = self.path / SETTINGS_FILE
         if f.is_file():
             old = self.record()
-            if old != record:
+            older = {k: v for k, v in record.items() if k in old}  # a record of an older build lacks optional keys
+            if old != older or set(old) - set(record):
                 raise D3MError(f"work directory {self.path} holds a build with other settings or data; "
                                "use a new --workdir (or the same settings to resume)")
-        else:
-            write_atomic(f, json.dumps(record, indent=1, sort_keys=True).encode())
+            if old == record:
+                return
+        write_atomic(f, json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def bind_labels(self, labels) -> None:
+        """Record the label options (a LabelEncoding) of this run: the merge's default, and what it must match."""
+        wanted = {k: getattr(labels, k) for k in LABEL_FIELDS}
+        f = self.path / LABELS_FILE
+        if not f.is_file() or self.labels() != wanted:
+            write_atomic(f, json.dumps(wanted, sort_keys=True).encode())
+
+    def labels(self) -> dict | None:
+        """The label options recorded by :meth:`bind_labels` ({kind, k, values}), or None."""
+        f = self.path / LABELS_FILE
+        if not f.exists():
+            return None
+        try:
+            value = json.loads(f.read_bytes())
+            ok = isinstance(value, dict) and set(value) == set(LABEL_FIELDS) and isinstance(value["kind"], str)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise D3MError(f"{f} is damaged; delete it and pass the label options (--label-kind, --k, --values) "
+                           "the build used")
+        return value
+
+    def record_digest(self) -> str:
+        """The build's settings hash: what every class checkpoint of this work directory carries."""
+        return record_digest(self.record())
 
     def record(self) -> dict:
         f = self.path / SETTINGS_FILE
@@ -78,10 +113,15 @@ class Workdir:
         return self.path / "classes" / f"{c:06d}.safetensors"
 
     def done(self, c: int) -> bool:
-        return self.class_file(c).is_file()
+        f = self.class_file(c)
+        if f.exists() and not f.is_file():
+            raise D3MError(f"class checkpoint {f} is not a file; remove it (rm -r {f}) and run the same build "
+                           "again (same --workdir) to rebuild that class")
+        return f.is_file()
 
     def save_class(self, c: int, tensors: dict, meta: dict) -> None:
-        """Checkpoint class ``c`` (atomic): its tensors, and its metadata as JSON in the file's header."""
+        """Checkpoint class ``c`` (atomic): its tensors, and its metadata (with the build's settings hash) as JSON."""
+        meta = {**meta, "build": self.record_digest()}
         data = safetensors.numpy.save(tensors, metadata={"meta": json.dumps(meta, sort_keys=True)})
         write_atomic(self.class_file(c), data)
 
@@ -96,7 +136,11 @@ class Workdir:
             raise D3MError(f"class checkpoint {f} is unreadable ({printable(exc)[:200]}); {REBUILD_CLASS}") from None
         if isinstance(meta, dict) and "regenerated" not in meta and "accuracy" in meta:
             meta["regenerated"] = meta.pop("accuracy")  # the key's name in work directories of older builds
-        problem = _checkpoint_problem(tensors, meta, self.record())
+        record = self.record()
+        problem = _checkpoint_problem(tensors, meta, record)
+        if problem is None and "build" in meta and meta["build"] != record_digest(record):  # absent: an older build's
+            problem = (f"it belongs to another build (settings hash {printable(str(meta['build']))[:19]}..., this work "
+                       f"directory's {record_digest(record)[:19]}...): copied from another work directory")
         if problem:
             raise D3MError(f"class checkpoint {f} is damaged: {problem}; {REBUILD_CLASS}")
         return tensors, meta
@@ -104,8 +148,11 @@ class Workdir:
 
 def _record_problem(record) -> str | None:
     """What is wrong with a settings.json record's shape, or None (its values are checked by the manifest)."""
-    if not isinstance(record, dict) or set(record) != {"settings", "classes", "source", "generator", "teacher"}:
+    if not isinstance(record, dict) or not set(RECORD_KEYS) <= set(record) <= {*RECORD_KEYS, *OPTIONAL_RECORD_KEYS}:
         return "not a d3m-build settings record"
+    dim = record.get("embedding_dim", 1)
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        return "embedding_dim must be a positive integer"
     s = record["settings"] if isinstance(record["settings"], dict) else {}
     inversion = s.get("inversion") if isinstance(s.get("inversion"), dict) else {}
     ints = {"ipc": s.get("ipc"), "grid": s.get("grid"), "fingerprint_size": s.get("fingerprint_size"),
@@ -122,15 +169,72 @@ def _checkpoint_problem(tensors: dict, meta, record: dict) -> str | None:
     """What is wrong with a class checkpoint's content for this build's record, or None."""
     s, num_classes = record["settings"], len(record["classes"])
     ipc, g2, fp = s["ipc"], s["grid"] ** 2, s["fingerprint_size"]
-    expected = {"embedding": (s["inversion"]["n_vectors"], None), "seeds": (ipc,),
+    expected = {"embedding": (s["inversion"]["n_vectors"], record.get("embedding_dim")), "seeds": (ipc,),
                 "probs": (ipc * g2, num_classes), "fingerprints": (ipc, fp, fp)}
     if set(tensors) != set(expected):
         return f"tensors {sorted(tensors)}, expected {sorted(expected)}"
     for name, shape in expected.items():
         got = tensors[name].shape
         if len(got) != len(shape) or any(w is not None and w != n for w, n in zip(shape, got)):
-            return f"{name} has shape {got}, expected {tuple('D' if w is None else w for w in shape)}"
-    if not isinstance(meta, dict) or not isinstance(meta.get("regenerated"), (int, float)) \
-            or not isinstance(meta.get("seconds"), dict):
-        return "its metadata lacks 'regenerated' or 'seconds'"
+            what = " (the model's embedding width)" if name == "embedding" and got[-1:] != shape[-1:] else ""
+            return f"{name} has shape {got}, expected {tuple('D' if w is None else w for w in shape)}{what}"
+    return _tensor_values_problem(tensors) or _meta_problem(meta)
+
+
+FP16_MAX = 65504.0  # the archive stores embeddings as float16
+
+
+def _tensor_values_problem(tensors: dict) -> str | None:
+    """What is wrong with a checkpoint's values (dtypes, ranges, label rows), or None."""
+    emb, probs, seeds, prints = (tensors[k] for k in ("embedding", "probs", "seeds", "fingerprints"))
+    for name, values in (("embedding", emb), ("probs", probs)):
+        if not np.issubdtype(values.dtype, np.floating) or not np.isfinite(values).all():
+            return f"{name} holds NaN, infinite or non-float values"
+    if np.abs(emb).max(initial=0) > FP16_MAX:
+        return f"embedding holds values beyond float16's range (|x| <= {FP16_MAX:g})"
+    if probs.min(initial=0) < 0 or not np.allclose(probs.sum(axis=1), 1, atol=1e-3):
+        return "probs rows must be probabilities (non-negative, each row summing to 1)"
+    if seeds.dtype != np.int64 or seeds.min(initial=0) < 0:
+        return f"seeds must be non-negative int64, got {seeds.dtype} (smallest {seeds.min(initial=0)})"
+    if prints.dtype != np.uint8:
+        return f"fingerprints must be uint8, got {prints.dtype}"
     return None
+
+
+def _number(value) -> bool:
+    """A finite JSON number (not a bool; an integer within float's range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 2**53 if isinstance(value, int) else math.isfinite(value)
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with a checkpoint's metadata (every value the archive and the summary read), or None."""
+    if not isinstance(meta, dict):
+        return "its metadata is not an object"
+    for key in ("regenerated", "real_agreement"):
+        value = meta.get(key)
+        if (key == "regenerated" or value is not None) and not (_number(value) and 0 <= value <= 1):
+            return f"metadata {key!r} must be a fraction in 0..1, got {printable(repr(value))[:40]}"
+    seconds = meta.get("seconds")
+    if not isinstance(seconds, dict) or not all(isinstance(k, str) and _number(v) for k, v in seconds.items()):
+        return "metadata 'seconds' must map stage names to numbers"
+    inversion = meta.get("inversion")
+    if inversion is not None and not (isinstance(inversion, dict) and all(
+            _number(inversion.get(k)) for k in ("val_loss_init", "val_loss_best", "best_step"))):
+        return "metadata 'inversion' must hold numbers val_loss_init, val_loss_best and best_step"
+    return None
+
+
+def record_digest(record: dict) -> str:
+    """``sha256:`` over a record's canonical JSON (its required keys: optional ones are added on resume)."""
+    core = {k: record[k] for k in RECORD_KEYS}
+    return "sha256:" + hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def label_flags(labels: dict) -> str:
+    """``--label-kind topk --k 5 --values u8sqrt`` for recorded label options."""
+    flags = f"--label-kind {labels['kind']}"
+    if labels.get("k") is not None and labels["kind"] == "topk":
+        flags += f" --k {labels['k']}"
+    return flags + ("" if labels.get("values") is None else f" --values {labels['values']}")

@@ -6,7 +6,7 @@ import json
 import math
 
 from . import container
-from .agreement import low_agreement
+from .agreement import low_agreement, near_chance
 from .archive import Archive, check_member
 from .errors import D3MFormatError
 from .labels import MAX_LABEL_TABLE, decompress
@@ -35,15 +35,17 @@ def agreement_summary(archive: Archive) -> dict | None:
         if not isinstance(entry, dict) or _number(entry.get("regenerated")) is None:
             continue
         rows.append({"id": c.id, "name": c.name, "regenerated": _number(entry["regenerated"]),
-                     "real": _number(entry.get("real"))})
+                     "real": _number(entry.get("real")), "precision": _number(entry.get("precision"))})
     if not rows:
         return None
     real = [r["real"] for r in rows if r["real"] is not None]
+    mean = sum(r["regenerated"] for r in rows) / len(rows)
     return {
         "classes": len(rows),
-        "regenerated_mean": round(sum(r["regenerated"] for r in rows) / len(rows), 4),
+        "regenerated_mean": round(mean, 4),
         "real_mean": round(sum(real) / len(real), 4) if real else None,
-        "low": [r for r in rows if low_agreement(r["real"], r["regenerated"])],
+        "near_chance": near_chance(mean, len(archive.manifest.dataset.classes)),
+        "low": [r for r in rows if low_agreement(r["real"], r["regenerated"], r["precision"])],
     }
 
 
@@ -175,6 +177,9 @@ def render_text(s: dict, max_names: int = 6) -> str:
         real = "" if agreement["real_mean"] is None else f" (selected real patches: {100 * agreement['real_mean']:.1f}%)"
         lines.insert(-1, f"agreement     teacher top-1 = class on {100 * agreement['regenerated_mean']:.1f}% of "
                          f"regenerated patches{real}")
+        if agreement["near_chance"]:
+            lines.insert(-1, f"  NEAR CHANCE overall agreement is near chance for {ds['classes']} classes: "
+                             "this archive will not train a useful student")
         if agreement["low"]:
             low = ", ".join(f"{r['name']} {100 * r['regenerated']:.0f}%"
                             + ("" if r["real"] is None else f" (real {100 * r['real']:.0f}%)")

@@ -97,7 +97,8 @@ def test_domain_guard_warns_records_and_min_agreement_fails(tiny_build, tmp_path
     build = d3mfmt.load_file(tiny_build.out).manifest.build
     real = [build["agreement"][c]["real"] for c in ("a_red", "b_green", "c_blue")]
     regen = [build["agreement"][c]["regenerated"] for c in ("a_red", "b_green", "c_blue")]
-    low = domain_problems(real, regen)
+    precision = [build["agreement"][c].get("precision") for c in ("a_red", "b_green", "c_blue")]
+    low = domain_problems(real, regen, precision)
     assert low, (real, regen)  # the premise of this test: some class renders far below its real agreement
     assert f"WARNING: {len(low)} of 3 classes render poorly" in tiny_build.stderr
     assert "the model does not render this class's images the way your teacher sees them" in tiny_build.stderr
@@ -220,9 +221,11 @@ def test_class_list_files_empty_non_utf8_and_spaces(tmp_path):
     assert read_class_list(tmp_path / "tabs.txt") == (["my folder", "plain"], ["My Name", "other name"])
 
 
-def test_a_shard_records_classes_below_min_agreement_and_goes_on(tiny_model, data, tmp_path):
+def test_a_shard_records_classes_below_min_agreement_and_goes_on(tiny_model, data, tmp_path, caplog):
     args = [str(data), "-o", str(tmp_path / "s.d3m"), *tiny_args(tiny_model), "--shard", "0/3", "--min-agreement", "1"]
     first = CliRunner().invoke(main, args)
+    # the early check: a few renders of the class name, before its inversion, already warn
+    assert "class a_red: before inversion, the teacher takes 0% of the patches of 2 renders" in caplog.text
     second = CliRunner().invoke(main, args)  # resumed: the recorded class is reported again, not skipped
     for result in (first, second):
         assert result.exit_code == 0, result.output

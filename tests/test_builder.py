@@ -70,7 +70,8 @@ def test_archive_is_valid_and_labels_describe_regenerated_pixels(tiny_build):
 def test_checkpoints_hold_what_the_archive_reads(tiny_build):
     wd = Workdir(tiny_build.workdir, create=False)
     tensors, meta = wd.load_class(1)
-    assert set(meta) == {"regenerated", "real_agreement", "inversion", "seconds"}  # no ti_loss, no patch_loss
+    assert set(meta) == {"regenerated", "real_agreement", "inversion", "seconds", "build"}  # no ti_loss, no patch_loss
+    assert meta["build"] == wd.record_digest()  # the settings hash of the build it belongs to
     assert set(meta["seconds"]) == {"select", "invert", "label"}
     agreement = d3mfmt.load_file(tiny_build.out).manifest.build["agreement"]["b_green"]
     assert agreement == {"regenerated": round(meta["regenerated"], 4), "real": round(meta["real_agreement"], 4)}

@@ -241,14 +241,13 @@ def test_summary_check_and_verify_lines_escape_terminal_controls(tmp_path):
     assert _no_controls("\n".join(lines)) and "evil\\x1b" in lines[0]
 
 
-def test_build_logs_escape_class_folder_names(tiny_model, tmp_path, caplog):
+def test_class_folder_names_with_terminal_escapes_are_refused_escaped(tiny_model, tmp_path):
     data = make_imagefolder(tmp_path / "data", classes=("a_red" + ESC, "b_green", "c_blue"), per_class=2)
-    caplog.set_level(logging.INFO, logger="d3m-build")
-    build(ImageFolderSource(data), _settings(tiny_model, inversion=InversionSettings(steps=1, batch=2)),
-          tmp_path / "wd", run=RunOptions(shard=(0, 3), device="cpu", progress=False))
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("a_red\\x1b[2J" in m for m in messages), messages
-    assert all(_no_controls(m) for m in messages)
+    with pytest.raises(D3MError, match="holds the character U\\+001B") as info:
+        build(ImageFolderSource(data), _settings(tiny_model, inversion=InversionSettings(steps=1, batch=2)),
+              tmp_path / "wd", run=RunOptions(shard=(0, 3), device="cpu", progress=False))
+    assert "a_red\\x1b[2J" in str(info.value) and _no_controls(str(info.value))
+    assert not (tmp_path / "wd").exists()
 
 
 # -- d3m-inspect arguments and devices -------------------------------------

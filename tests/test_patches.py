@@ -9,7 +9,8 @@ from tiny_teacher import build_teacher
 from builder.crops import crop_boxes, resize_crops, resize_crops_batched
 from builder.patches import PatchSettings, as_float, select_patches, teacher_losses
 from builder.prefetch import ImageStream
-from builder.sources import ImageFolderSource, _open_rgb, _rgb_tensor
+from builder.decode import open_image
+from builder.sources import ImageFolderSource, _rgb_tensor
 
 
 def reference_selection(images, c, teacher, keep, side, s, g):
@@ -87,7 +88,7 @@ def test_image_streams_decode_what_images_decoded(image_folder):
     assert stream.count == 4 and all(b.dtype == torch.uint8 for b in batches)
     assert torch.equal(as_float(torch.cat(batches)), source.images(1, side=24, limit=4))
     named = source.image_stream(1, side=24, files=["005.png", "002.png"])
-    with _open_rgb(image_folder / "b_green" / "005.png") as img:
+    with open_image(image_folder / "b_green" / "005.png", 24) as img:
         first = _rgb_tensor(img, 24)
     assert named.count == 2 and torch.equal(as_float(next(iter(named.batches))[0]), first)
 

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def decodes(monkeypatch):
     """Every image decode of the builder, counted (the real decoder runs)."""
     calls = []
-    real = sources._open_rgb
-    monkeypatch.setattr(sources, "_open_rgb", lambda path: calls.append(path) or real(path))
+    real = sources.open_image
+    monkeypatch.setattr(sources, "open_image", lambda path, side: calls.append(path) or real(path, side))
     return calls
 
 

@@ -89,3 +89,34 @@ def make_digit_folder(root: Path, per_class: int = 8) -> Path:
 def build_teacher2():
     """:class:`ChannelTeacher` for two classes (red, green)."""
     return ChannelTeacher(2)
+
+
+class FaultyTeacher(ChannelTeacher):
+    """The channel teacher until its ``after``-th call, then one fault: NaN logits, a row short, or an error."""
+
+    def __init__(self, fault: str, after: int = 4):  # 4 calls: the width probe and the 3-class preflight
+        super().__init__(3)
+        self.fault, self.after, self.calls = fault, after, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = super().forward(x)
+        if self.calls <= self.after:
+            return out
+        if self.fault == "nan":
+            return out * float("nan")
+        if self.fault == "short":
+            return out[1:]
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def build_nan_teacher():
+    return FaultyTeacher("nan")
+
+
+def build_short_teacher():
+    return FaultyTeacher("short")
+
+
+def build_raising_teacher():
+    return FaultyTeacher("raise")
