@@ -32,8 +32,8 @@ log = logging.getLogger("d3m-build")
 
 # d3mfmt's hints for a model missing from the cache name the library's allow_download=True, an option
 # d3m-build does not have (a build never downloads): said in d3m-build's terms instead
-_LIBRARY_HINTS = ((re.compile(r" \(or pass allow_download=True[^)]*\)"), ""),
-                  (re.compile(r"pass allow_download=True \([^)]*\) or run"), "run"))
+# d3mfmt's hint names each tool's switch; d3m-build has none, so only the download command stays
+_LIBRARY_HINTS = ((re.compile(r" \(d3m-build: run the command first\), or let d3mfmt fetch .*?--allow-download"), ""),)
 
 
 def build_hint(message: str) -> str:
@@ -82,6 +82,18 @@ def generator_info(s: BuildSettings, pipe, files: ModelFiles, dtype: str) -> Gen
         negative_prompt=s.negative_prompt,
         dtype=dtype,
     )
+
+
+def check_build_render_cost(gen: GeneratorInfo, num_images: int, pipe) -> None:
+    """Refuse settings whose archive readers would refuse by default (SPEC "Render cost"), before any data is read."""
+    from d3mfmt.renderable import RenderLimits, check_cost
+
+    try:
+        check_cost(gen, num_images, RenderLimits.for_model(pipe.unet.config.sample_size), limit_of="the readers")
+    except D3MError as err:
+        reason = str(err).split("; if you trust", 1)[0].removeprefix("manifest.json: generator asks ")
+        raise D3MError(f"these settings make an archive that readers refuse by default: it asks {reason}; "
+                       "lower --steps, --resolution or --ipc (or use fewer classes)") from None
 
 
 def native_resolution(pipe) -> int:

@@ -57,7 +57,7 @@ from .assemble import (BuildResult, archive_manifest, below_min_agreement, check
 from .guards import EARLY_RENDERS, check_class_order, class_name_vectors, domain_message, domain_problems, early_domain_check
 from .inversion import invert_class_token
 from .labelling import choose_seeds, class_generator, class_seeds, render_and_label
-from .model import generator_info, load_build_model, native_resolution, warn_cpu_cost
+from .model import check_build_render_cost, generator_info, load_build_model, native_resolution, warn_cpu_cost
 from .patches import make_collages, select_patches
 from .preflight import run_preflight
 from .settings import BuildSettings, RunOptions, check_settings, resolve_settings
@@ -148,6 +148,7 @@ def prepare(source, settings: BuildSettings, run: RunOptions, workdir: Path, out
     files, pipe = load_build_model(settings, device, dtype)
     settings = resolve_settings(settings, native_resolution(pipe))
     gen = generator_info(settings, pipe, files, dtype)
+    check_build_render_cost(gen, len(classes) * settings.ipc, pipe)
     warn_cpu_cost(pipe, gen, settings)
     # 2. the teacher: one logit per class, in the data's class order
     teacher, teacher_name = resolve_teacher(settings.teacher)

@@ -299,6 +299,17 @@ def test_k_above_the_class_count_is_refused_before_any_work(image_folder, tiny_b
     assert result.exit_code == 1 and "--k 9: the data has 3 classes" in result.stderr and not out.exists()
 
 
+def test_settings_whose_archive_readers_refuse_are_refused_before_any_data(image_folder, tmp_path):
+    out = tmp_path / "x.d3m"
+    # 300 steps with guidance: 600 UNet evaluations per image, over the readers' 400
+    result = CliRunner().invoke(main, [str(image_folder), "-o", str(out), "--model", "d3m/tiny-mnist",
+                                       "--teacher", "tiny_teacher:build_teacher", "--steps", "300", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "readers refuse by default: it asks 600 UNet evaluations per image" in result.stderr
+    assert "lower --steps, --resolution or --ipc" in result.stderr and "preflight" not in result.stderr
+    assert not out.exists() and not (tmp_path / "x.d3m.work").exists()
+
+
 # -- 7. guards that see pile-ups -----------------------------------------------------------------------------------
 
 def one_hot(predictions, num_classes=5):
