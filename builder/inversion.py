@@ -17,6 +17,10 @@ the whole schedule. The vector is evaluated on it at step 0 (the initialising
 word) and every ``val_every`` steps, and the best one is kept, so inversion can
 never return a vector that denoises the class's collages worse than the word it
 started from.
+
+Numerics (builder/precision.py): the vectors and AdamW's state are float32; the
+frozen model runs in the render dtype (``--dtype``) under autocast, with a
+dynamic loss scale in fp16 (an overflowing step is skipped and counted).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch.nn.functional as F
 
 from d3mfmt.prompts import placeholder_prompt
 from d3mfmt.terminal import printable
+
+from .precision import loss_scaler, scaled_step, frozen_autocast
 
 log = logging.getLogger("d3m-build")
 
@@ -137,8 +143,7 @@ def denoising_loss(pipe, ids: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, n
     z0, noise, t = z0.to(device), noise.to(device), t.to(device)
     zt = noise_sched.add_noise(z0, noise, t)
     target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with frozen_autocast(pipe):
         cond = pipe.text_encoder(ids.expand(len(z0), -1))[0]
         pred = pipe.unet(zt.to(pipe.unet.dtype), t, encoder_hidden_states=cond).sample
     err = (pred.float() - target.float()).pow(2)
@@ -193,6 +198,7 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     init, init_word = initial_vector(pipe, class_name, settings.generic_word)
     slot_module = SlotEmbedding(pipe.text_encoder.get_input_embeddings(), slots, init.expand(settings.n_vectors, -1))
     opt = torch.optim.AdamW([slot_module.vectors], lr=settings.lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
+    scaler, skipped = loss_scaler(pipe), 0  # fp16: scaled loss, inf/NaN steps skipped (builder/precision.py)
     losses = []
     with swapped_token_embedding(pipe.text_encoder, slot_module):
         # 3. score the initialising word: the vector to beat
@@ -207,9 +213,7 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
             noise = torch.randn(latents[pick].shape, generator=g)
             t = sample_timesteps(settings.batch, num_t, settings.timesteps, g)
             loss = denoising_loss(pipe, ids, latents[pick], t, noise, noise_sched)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            skipped += not scaled_step(loss, opt, scaler)
             losses.append(float(loss.detach()))
             if step % settings.val_every == 0 or step == settings.steps:
                 t0 = time.perf_counter()
@@ -221,6 +225,6 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     tenth = max(1, len(losses) // 10)
     curve = [float(np.mean(losses[i : i + tenth])) for i in range(0, len(losses), tenth)]
     stats = {"val_loss_init": val_init, "val_loss_best": val_best, "best_step": best_step, "val_curve": val_curve,
-             "val_seconds": val_seconds}
+             "val_seconds": val_seconds, "skipped_steps": skipped}
     log_inversion(class_name, init_word, stats, curve, settings.steps)
     return best.cpu().numpy().astype(np.float32), curve, stats
