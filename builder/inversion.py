@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from d3mfmt.prompts import placeholder_prompt
 from d3mfmt.terminal import printable
 
-from .precision import loss_scaler, scaled_step, frozen_autocast
+from .initialisers import initial_vectors, mean_token_norm
+from .precision import frozen_autocast, loss_scaler, scaled_step
 
 log = logging.getLogger("d3m-build")
 
@@ -51,7 +52,7 @@ class InversionSettings:
     batch: int | None = None
     n_vectors: int = 1
     weight_decay: float = 0.0
-    generic_word: str = "object"  # initialiser when the tokenizer does not know the class name
+    generic_word: str = "object"  # initialiser only for a class name without any tokenizable text
     timesteps: str = "uniform"  # training timesteps per batch: "uniform" (i.i.d.) or "stratified" (one per stratum)
     val_size: int = 32  # fixed validation triples (collage, timestep, noise) per class
     val_every: int = 10  # validate (and keep the best vector) every N steps
@@ -96,16 +97,6 @@ def swapped_token_embedding(text_encoder, module):
         yield
     finally:
         text_encoder.set_input_embeddings(original)
-
-
-def initial_vector(pipe, class_name: str, generic_word: str) -> tuple[torch.Tensor, str]:
-    """The class name's token embedding if it is one known token, else the generic word's (mean over its tokens)."""
-    tok, table = pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight.detach()
-    ids = tok(class_name, add_special_tokens=False).input_ids
-    if len(ids) == 1:
-        return table[ids[0]].float(), class_name
-    ids = tok(generic_word, add_special_tokens=False).input_ids
-    return table[ids].float().mean(dim=0), generic_word
 
 
 @torch.no_grad()
@@ -183,8 +174,11 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
 
     Returns:
         (the best vectors on the validation set as float32 numpy, mean training loss of each tenth of
-        the run, ``{"val_loss_init", "val_loss_best", "best_step", "val_curve"}``; best_step 0 is the
-        initialisation, val_curve the (step, validation loss) pairs scored, val_seconds their cost).
+        the run, ``{"val_loss_init", "val_loss_best", "best_step", "val_curve", "val_seconds",
+        "skipped_steps", "init_words", "norm_init", "norm_best", "vocab_norm"}``; best_step 0 is the
+        initialisation, val_curve the (step, validation loss) pairs scored, val_seconds their cost,
+        skipped_steps the fp16 steps skipped for overflow, norms the mean L2 norm over slots and
+        the vocabulary's mean token norm).
     """
     from diffusers import DDPMScheduler
 
@@ -194,9 +188,9 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     num_t = noise_sched.config.num_train_timesteps
     val = draw_validation_set(latents, settings.val_size, num_t, val_g)
-    # 2. the only trainable tensor: the slot rows, initialised from a real word
-    init, init_word = initial_vector(pipe, class_name, settings.generic_word)
-    slot_module = SlotEmbedding(pipe.text_encoder.get_input_embeddings(), slots, init.expand(settings.n_vectors, -1))
+    # 2. the only trainable tensor: the slot rows, initialised from the class's name (builder/initialisers.py)
+    init, init_words = initial_vectors(pipe, class_name, settings.n_vectors, settings.generic_word)
+    slot_module = SlotEmbedding(pipe.text_encoder.get_input_embeddings(), slots, init)
     opt = torch.optim.AdamW([slot_module.vectors], lr=settings.lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
     scaler, skipped = loss_scaler(pipe), 0  # fp16: scaled loss, inf/NaN steps skipped (builder/precision.py)
     losses = []
@@ -225,6 +219,8 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     tenth = max(1, len(losses) // 10)
     curve = [float(np.mean(losses[i : i + tenth])) for i in range(0, len(losses), tenth)]
     stats = {"val_loss_init": val_init, "val_loss_best": val_best, "best_step": best_step, "val_curve": val_curve,
-             "val_seconds": val_seconds, "skipped_steps": skipped}
-    log_inversion(class_name, init_word, stats, curve, settings.steps)
+             "val_seconds": val_seconds, "skipped_steps": skipped,
+             "init_words": init_words, "norm_init": float(init.norm(dim=1).mean()),
+             "norm_best": float(best.norm(dim=1).mean()), "vocab_norm": mean_token_norm(pipe)}
+    log_inversion(class_name, " ".join(init_words), stats, curve, settings.steps)
     return best.cpu().numpy().astype(np.float32), curve, stats

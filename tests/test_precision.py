@@ -11,7 +11,8 @@ tiny model's ops all have CPU fp16 kernels); no emulation.
 import pytest
 import torch
 
-from builder.inversion import SlotEmbedding, denoising_loss, encode_latents, initial_vector, swapped_token_embedding
+from builder.inversion import SlotEmbedding, denoising_loss, encode_latents, swapped_token_embedding
+from builder.initialisers import initial_vectors
 from builder.patches import make_collages
 from builder.precision import frozen_autocast, loss_scaler, scaled_step
 from builder.sources import MnistSource
@@ -40,7 +41,7 @@ def vector_gradient(inputs, dtype: str, loss_scale: float, scaled: bool = True) 
     path, z0, t, noise = inputs
     pipe = shared_pipeline(path, model_identity(path), "cpu", dtype)
     ids, slots = placeholder_prompt(pipe, TEMPLATE, "{token}", 1)
-    slot_module = SlotEmbedding(pipe.text_encoder.get_input_embeddings(), slots, initial_vector(pipe, "seven", "x")[0][None])
+    slot_module = SlotEmbedding(pipe.text_encoder.get_input_embeddings(), slots, initial_vectors(pipe, "seven", 1, "object")[0])
     opt = torch.optim.AdamW([slot_module.vectors])
     scaler = loss_scaler(pipe) if scaled else torch.amp.GradScaler("cpu", enabled=False)
     with swapped_token_embedding(pipe.text_encoder, slot_module):
