@@ -5,7 +5,8 @@ Per class (independent of every other class, so shards agree with a single run):
 1. load the class's real images;
 2. select the grid²·IPC most informative patches with the teacher;
 3. tile them into IPC collages;
-4. textual inversion: learn the class token on those collages;
+4. textual inversion: learn the class token on those collages; keep the
+   candidate that renders the class best (builder/keepbest.py);
 5. seeds: IPC per class (optionally the best of M candidates each);
 6. regenerate every image through d3mfmt's generator, split into patches,
    teacher -> soft label per patch, fingerprint per image;
@@ -50,6 +51,7 @@ from .assemble import (BuildResult, archive_manifest, below_min_agreement, check
                        summarize_build, write_archive)
 from .guards import check_class_order, domain_message, domain_problems
 from .inversion import invert_class_token
+from .keepbest import render_scorer, scoring_seeds
 from .labelling import choose_seeds, class_generator, class_seeds, render_and_label
 from .model import generator_info, load_build_model, native_resolution, warn_cpu_cost
 from .patches import make_collages, select_patches
@@ -215,15 +217,17 @@ def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     times["select"] = time.perf_counter() - t0
     # 4. textual inversion
     t0 = time.perf_counter()
+    candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
+    scorer = None if not s.inversion.render_every else render_scorer(
+        gen, teacher, c, scoring_seeds(s.seed, c, s.inversion.render_images, exclude=candidates), s.grid, device)
     vectors, _, inversion = invert_class_token(ctx.pipe, collages, info.name, gen.prompt_template, gen.placeholder,
-                                               s.inversion, g, val_g)
+                                               s.inversion, g, val_g, render_score=scorer)
     times["invert"] = time.perf_counter() - t0
     # 5-6. seeds, regeneration through d3mfmt, soft labels, fingerprints
     t0 = time.perf_counter()
     # the archive stores fp16 vectors: label exactly what a consumer will render from them
     vectors = vectors.astype(np.float16).astype(np.float32)
     regen = Regenerator(gen, vectors[None], RenderOptions(device=device, dtype=gen.dtype))
-    candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
     seeds = choose_seeds(regen, 0, c, candidates, s.ipc, teacher, s.grid, device)
     probs, prints, _ = render_and_label(regen, 0, seeds, teacher, s.grid, s.temperature, s.fingerprint_size, device)
     times["label"] = time.perf_counter() - t0

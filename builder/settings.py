@@ -34,7 +34,7 @@ from d3mfmt.modelpin import check_variant
 from d3mfmt.models import BUILTIN_MODELS
 from d3mfmt.render import DTYPE_NAMES
 
-from .inversion import TIMESTEP_SAMPLING, InversionSettings
+from .inversion import NORM_CONTROL, TIMESTEP_SAMPLING, InversionSettings
 from .patches import PatchSettings
 
 DEMO_MODEL, DEMO_TEACHER = "d3m/tiny-mnist", "mnist-cnn"
@@ -137,6 +137,10 @@ def check_settings(s: BuildSettings, run: RunOptions = RunOptions()) -> None:
         (1 <= inv.n_vectors <= 16, f"--n-vectors must be in 1..16, got {inv.n_vectors}"),
         positive(inv.val_size, "inversion val_size"),
         positive(inv.val_every, "inversion val_every"),
+        positive(inv.render_every, "inversion render_every", 0),
+        positive(inv.render_images, "inversion render_images"),
+        (inv.norm in NORM_CONTROL, f"inversion norm must be one of {', '.join(NORM_CONTROL)}, got {inv.norm!r}"),
+        (math.isfinite(inv.norm_pull) and inv.norm_pull >= 0, f"inversion norm_pull must be >= 0, got {inv.norm_pull}"),
         (inv.timesteps in TIMESTEP_SAMPLING,
          f"inversion timesteps must be one of {', '.join(TIMESTEP_SAMPLING)}, got {inv.timesteps!r}"),
         positive(pat.n_crops, "--n-crops"),

@@ -271,8 +271,8 @@ def test_build_info_records_inversion_validation_per_class(tiny_build):
     assert sorted(inv) == ["a_red", "b_green", "c_blue"]
     for entry in inv.values():
         assert set(entry) == {"init_words", "val_loss_init", "val_loss_best", "best_step", "norm_init", "norm_best",
-                              "vocab_norm", "skipped_steps"}
-        assert entry["skipped_steps"] == 0 and entry["vocab_norm"] > 0
+                              "vocab_norm", "skipped_steps", "render_init", "render_best"}
+        assert entry["skipped_steps"] == 0 and entry["vocab_norm"] > 0 and entry["render_best"] >= entry["render_init"]
         assert entry["val_loss_best"] <= entry["val_loss_init"] and 0 <= entry["best_step"] <= 4
     summary = inversion_summary(a.manifest.build)
     assert summary["classes"] == 3 and summary["unreadable"] == 0
