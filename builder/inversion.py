@@ -13,10 +13,19 @@ The training loss is a mean over random collages, timesteps and noise, so its
 curve cannot tell progress from chance. Progress is measured instead on a fixed
 validation set per class: ``val_size`` (collage, timestep, noise) triples drawn
 once, before training, from their own generator, with timesteps stratified over
-the whole schedule. The vector is evaluated on it at step 0 (the initialising
-word) and every ``val_every`` steps, and the best one is kept, so inversion can
-never return a vector that denoises the class's collages worse than the word it
-started from.
+the whole schedule. The vector is evaluated on it at step 0 (the initialiser,
+builder/initialisers.py) and every ``val_every`` steps. Without a render score
+the lowest loss is kept, so inversion never returns a vector that denoises the
+class's collages worse than its initialiser. A build also renders the
+candidates (the initialiser, every ``render_every`` steps, the last and the
+lowest-loss vector) and keeps the one the teacher recognises most often
+(builder/keepbest.py): a lower denoising loss did not mean better renders.
+
+Norm control (``norm``, ``norm_pull``): learned embeddings that drift to large
+norms are a known failure of textual inversion under classifier-free guidance;
+the norm can be held at the initialiser's or the vocabulary's mean (the
+direction is optimised), or pulled toward the initialiser by an L2 term. The
+kept vector's norm is logged and recorded against the vocabulary's mean.
 
 Numerics (builder/precision.py): the vectors and AdamW's state are float32; the
 frozen model runs in the render dtype (``--dtype``) under autocast, with a
@@ -25,21 +34,21 @@ dynamic loss scale in fp16 (an overflowing step is skipped and counted).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from d3mfmt.prompts import placeholder_prompt
 from d3mfmt.terminal import printable
 
+from .denoising import (SlotEmbedding, ValidationSet, denoising_loss, draw_validation_set, encode_latents,
+                        sample_timesteps, swapped_token_embedding, validation_loss)
 from .initialisers import initial_vectors, mean_token_norm
 from .keepbest import Candidate, choose_candidate
-from .precision import frozen_autocast, loss_scaler, scaled_step
+from .precision import loss_scaler, scaled_step
 
 log = logging.getLogger("d3m-build")
 
@@ -57,105 +66,14 @@ class InversionSettings:
     timesteps: str = "uniform"  # training timesteps per batch: "uniform" (i.i.d.) or "stratified" (one per stratum)
     val_size: int = 32  # fixed validation triples (collage, timestep, noise) per class
     val_every: int = 10  # validate (and keep the best vector) every N steps
-    render_every: int = 25  # candidates for render-scored keep-best every N steps (0: keep the lowest val loss)
-    render_images: int = 4  # images rendered per candidate (from seeds the archive does not use)
+    render_every: int = 50  # candidates for render-scored keep-best every N steps (0: keep the lowest val loss)
+    render_images: int = 3  # images rendered per candidate (from seeds the archive does not use)
     norm: str = "free"  # the vectors' norm: "free", "init" (held at the initialiser's), "vocab" (the mean token's)
     norm_pull: float = 0.0  # weight of an L2 pull toward the initialiser (squared distance / mean token norm^2)
 
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 NORM_CONTROL = ("free", "init", "vocab")
-
-
-@dataclass(frozen=True)
-class ValidationSet:
-    """Fixed (clean latent, timestep, noise) triples on which every candidate vector is scored."""
-
-    latents: torch.Tensor
-    timesteps: torch.Tensor
-    noise: torch.Tensor
-
-
-class SlotEmbedding(torch.nn.Module):
-    """A token-embedding table whose ``slot_ids`` rows come from a trainable parameter."""
-
-    def __init__(self, base: torch.nn.Embedding, slot_ids: list[int], init: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.register_buffer("slot_ids", torch.tensor(slot_ids), persistent=False)
-        self.vectors = torch.nn.Parameter(init.clone().float())
-
-    @property
-    def weight(self):  # what CLIPTextEmbeddings and resize helpers read
-        return self.base.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.base.weight.index_put((self.slot_ids,), self.vectors.to(self.base.weight.dtype))
-        return F.embedding(ids, table)
-
-
-@contextlib.contextmanager
-def swapped_token_embedding(text_encoder, module):
-    """Temporarily replace the text encoder's token-embedding module."""
-    original = text_encoder.get_input_embeddings()
-    text_encoder.set_input_embeddings(module)
-    try:
-        yield
-    finally:
-        text_encoder.set_input_embeddings(original)
-
-
-@torch.no_grad()
-def encode_latents(pipe, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """Images in [0, 1] -> scaled VAE latents (posterior means)."""
-    vae = pipe.vae
-    out = []
-    for chunk in images.split(batch):
-        x = chunk.to(vae.device, vae.dtype) * 2 - 1
-        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(out).float()
-
-
-def sample_timesteps(n: int, num_train_timesteps: int, how: str, g: torch.Generator) -> torch.Tensor:
-    """``n`` timesteps: i.i.d. uniform, or stratified (one uniform draw in each of ``n`` equal strata)."""
-    if how == "uniform":
-        return torch.randint(num_train_timesteps, (n,), generator=g)
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    return ((torch.arange(n, dtype=torch.float64) + u) * num_train_timesteps / n).long().clamp_(max=num_train_timesteps - 1)
-
-
-def draw_validation_set(latents: torch.Tensor, size: int, num_train_timesteps: int, g: torch.Generator) -> ValidationSet:
-    """``size`` triples from ``g`` alone: collages cycled in a random order, stratified timesteps, fresh noise."""
-    order = torch.randperm(len(latents), generator=g)
-    pick = order[torch.arange(size) % len(latents)]
-    t = sample_timesteps(size, num_train_timesteps, "stratified", g)
-    noise = torch.randn((size, *latents.shape[1:]), generator=g)
-    return ValidationSet(latents[pick], t, noise)
-
-
-def denoising_loss(pipe, ids: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise_sched,
-                   reduction: str = "mean") -> torch.Tensor:
-    """MSE between the frozen UNet's prediction (conditioned on prompt ``ids``) and its target at ``t``."""
-    device = pipe.unet.device
-    z0, noise, t = z0.to(device), noise.to(device), t.to(device)
-    zt = noise_sched.add_noise(z0, noise, t)
-    target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
-    with frozen_autocast(pipe):
-        cond = pipe.text_encoder(ids.expand(len(z0), -1))[0]
-        pred = pipe.unet(zt.to(pipe.unet.dtype), t, encoder_hidden_states=cond).sample
-    err = (pred.float() - target.float()).pow(2)
-    return err.mean() if reduction == "mean" else err.flatten(1).mean(1)
-
-
-@torch.no_grad()
-def validation_loss(pipe, ids: torch.Tensor, val: ValidationSet, noise_sched, batch: int) -> float:
-    """Mean denoising loss over the fixed validation triples (batched; same value whatever ``batch``)."""
-    total = 0.0
-    for start in range(0, len(val.latents), batch):
-        sl = slice(start, start + batch)
-        total += float(denoising_loss(pipe, ids, val.latents[sl], val.timesteps[sl], val.noise[sl], noise_sched,
-                                      reduction="none").double().sum())
-    return total / len(val.latents)
 
 
 def log_inversion(class_name: str, init_word: str, stats: dict, curve: list[float], steps: int) -> None:

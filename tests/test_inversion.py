@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from builder.inversion import (
-    InversionSettings,
-    draw_validation_set,
-    encode_latents,
-    invert_class_token,
-    sample_timesteps,
-    validation_loss,
-)
+from builder.denoising import draw_validation_set, encode_latents, sample_timesteps, validation_loss
 from builder.initialisers import initial_vectors
+from builder.inversion import InversionSettings, invert_class_token
 from d3mfmt.generator import shared_pipeline
 from d3mfmt.modelpin import model_identity
 from d3mfmt.prompts import placeholder_prompt

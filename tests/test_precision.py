@@ -11,7 +11,7 @@ tiny model's ops all have CPU fp16 kernels); no emulation.
 import pytest
 import torch
 
-from builder.inversion import SlotEmbedding, denoising_loss, encode_latents, swapped_token_embedding
+from builder.denoising import SlotEmbedding, denoising_loss, encode_latents, swapped_token_embedding
 from builder.initialisers import initial_vectors
 from builder.patches import make_collages
 from builder.precision import frozen_autocast, loss_scaler, scaled_step
