@@ -16,11 +16,12 @@ so the work directory and the archive record the values actually used:
   README run (5e-4 scaled by batch 1 x gradient accumulation 4 = 2e-3, batch 4).
   That run trains 3,000 steps on one concept from 3-5 photos; a class here has
   IPC collages, and 1,000 classes multiply the cost, so 500 steps (2,000
-  collage views per class) are the default. Validation keeps the vector with
-  the lowest denoising loss on fixed held-out (collage, timestep, noise)
-  triples, so the validation loss never ends above the initial word's; on the
-  built-in model a lower loss did not mean better renders (README, "Textual
-  inversion"), so this bounds the loss, not the archive's quality.
+  collage views per class) are the default. The kept vector is the candidate
+  (initialiser, every ``render_every`` steps, the last, the lowest validation
+  loss) whose renders at the archive's guidance and steps the teacher assigns
+  to the class most often (builder/keepbest.py): on the built-in model a lower
+  denoising loss did not mean better renders (docs/results.md, "Textual
+  inversion").
 """
 
 from __future__ import annotations
