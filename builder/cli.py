@@ -81,7 +81,7 @@ def main() -> None:
 def _label_options(f):
     from d3mfmt import LabelEncoding
 
-    from .assemble import DENSE_VALUES
+    from .labeloptions import DENSE_VALUES
 
     default = LabelEncoding()
     for option in reversed([
@@ -148,7 +148,7 @@ def _shard_help() -> str:
                    "[default: float16 on CUDA, float32 on the CPU].")
 def build_command(**options) -> None:
     """Distil the ImageFolder DATA (or the built-in MNIST split with --demo) into the archive OUT."""
-    from .assemble import check_requested_k, label_encoding
+    from .labeloptions import check_requested_k, label_encoding
     from .pipeline import build_archive
     from .settings import DEMO_TEACHER, RunOptions
     from .shards import parse_shard
@@ -178,7 +178,8 @@ def _given(**values) -> dict:
 def _source_and_settings(options: dict):
     """(source, settings) for the demo, or for the user's data, model and teacher."""
     from .settings import BuildSettings, demo_settings
-    from .sources import ImageFolderSource, MnistSource, read_class_list
+    from .classlist import read_class_list
+    from .sources import ImageFolderSource, MnistSource
 
     named = {"DATA": options["data"], "--model": options["model"], "--teacher": options["teacher"]}
     if options["demo"]:
@@ -213,7 +214,8 @@ def _source_and_settings(options: dict):
 @_label_options
 def merge_command(workdirs, out, label_kind, k, values, min_agreement) -> None:
     """Write OUT from the finished work directories of every shard of one build (labels: as the build recorded)."""
-    from .assemble import check_requested_k, label_encoding, merge_archives
+    from .assemble import merge_archives
+    from .labeloptions import check_requested_k, label_encoding
     from .workdir import Workdir
 
     with _errors():

@@ -209,20 +209,10 @@ def archive_warnings(classes: list[ClassInfo], real: list[float | None], regener
 EARLY_RENDERS = 2  # images rendered from the class name before a class's inversion (the early domain check)
 
 
-def class_name_vectors(pipe, name: str, n_vectors: int) -> np.ndarray | None:
-    """``[n_vectors, D]``: the mean token embedding of the class name (None if it has no tokens), as fp16 values."""
-    ids = pipe.tokenizer(name, add_special_tokens=False).input_ids
-    if not ids:
-        return None
-    table = pipe.text_encoder.get_input_embeddings().weight.detach()
-    vector = table[ids].float().mean(dim=0).cpu().numpy()
-    return np.repeat(vector[None], n_vectors, axis=0).astype(np.float16).astype(np.float32)
-
-
 def early_domain_check(regen, c: int, seeds: list[int], teacher, grid: int, device: str) -> tuple[float, int]:
     """(the teacher's agreement with class ``c`` on patches of ``seeds``' renders, the class it takes most of them for).
 
-    ``regen`` renders the class name's vectors (:func:`class_name_vectors`) as row 0: a few
+    ``regen`` renders the class's initialiser (:func:`builder.initialisers.initial_vectors`) as row 0: a few
     renders, before the minutes of inversion, tell whether the model draws what the teacher knows.
     """
     from .labelling import render_and_label

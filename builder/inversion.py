@@ -13,25 +13,42 @@ The training loss is a mean over random collages, timesteps and noise, so its
 curve cannot tell progress from chance. Progress is measured instead on a fixed
 validation set per class: ``val_size`` (collage, timestep, noise) triples drawn
 once, before training, from their own generator, with timesteps stratified over
-the whole schedule. The vector is evaluated on it at step 0 (the initialising
-word) and every ``val_every`` steps, and the best one is kept, so inversion can
-never return a vector that denoises the class's collages worse than the word it
-started from.
+the whole schedule. The vector is evaluated on it at step 0 (the initialiser,
+builder/initialisers.py) and every ``val_every`` steps. Without a render score
+the lowest loss is kept, so inversion never returns a vector that denoises the
+class's collages worse than its initialiser. A build also renders the
+candidates (the initialiser, every ``render_every`` steps, the last and the
+lowest-loss vector) and keeps the one the teacher recognises most often
+(builder/keepbest.py): a lower denoising loss did not mean better renders.
+
+Norm control (``norm``, ``norm_pull``): learned embeddings that drift to large
+norms are a known failure of textual inversion under classifier-free guidance;
+the norm can be held at the initialiser's or the vocabulary's mean (the
+direction is optimised), or pulled toward the initialiser by an L2 term. The
+kept vector's norm is logged and recorded against the vocabulary's mean.
+
+Numerics (builder/precision.py): the vectors and AdamW's state are float32; the
+frozen model runs in the render dtype (``--dtype``) under autocast, with a
+dynamic loss scale in fp16 (an overflowing step is skipped and counted).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from d3mfmt.prompts import placeholder_prompt
 from d3mfmt.terminal import printable
+
+from .denoising import (SlotEmbedding, ValidationSet, denoising_loss, draw_validation_set, encode_latents,
+                        sample_timesteps, swapped_token_embedding, validation_loss)
+from .initialisers import initial_vectors, mean_token_norm
+from .keepbest import Candidate, choose_candidate
+from .precision import loss_scaler, scaled_step
 
 log = logging.getLogger("d3m-build")
 
@@ -45,141 +62,108 @@ class InversionSettings:
     batch: int | None = None
     n_vectors: int = 1
     weight_decay: float = 0.0
-    generic_word: str = "object"  # initialiser when the tokenizer does not know the class name
+    generic_word: str = "object"  # initialiser only for a class name without any tokenizable text
     timesteps: str = "uniform"  # training timesteps per batch: "uniform" (i.i.d.) or "stratified" (one per stratum)
     val_size: int = 32  # fixed validation triples (collage, timestep, noise) per class
     val_every: int = 10  # validate (and keep the best vector) every N steps
+    render_every: int = 50  # candidates for render-scored keep-best every N steps (0: keep the lowest val loss)
+    render_images: int = 3  # images rendered per candidate (from seeds the archive does not use)
+    norm: str = "free"  # the vectors' norm: "free", "init" (held at the initialiser's), "vocab" (the mean token's)
+    norm_pull: float = 0.0  # weight of an L2 pull toward the initialiser (squared distance / mean token norm^2)
 
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
-
-
-@dataclass(frozen=True)
-class ValidationSet:
-    """Fixed (clean latent, timestep, noise) triples on which every candidate vector is scored."""
-
-    latents: torch.Tensor
-    timesteps: torch.Tensor
-    noise: torch.Tensor
-
-
-class SlotEmbedding(torch.nn.Module):
-    """A token-embedding table whose ``slot_ids`` rows come from a trainable parameter."""
-
-    def __init__(self, base: torch.nn.Embedding, slot_ids: list[int], init: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.register_buffer("slot_ids", torch.tensor(slot_ids), persistent=False)
-        self.vectors = torch.nn.Parameter(init.clone().float())
-
-    @property
-    def weight(self):  # what CLIPTextEmbeddings and resize helpers read
-        return self.base.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.base.weight.index_put((self.slot_ids,), self.vectors.to(self.base.weight.dtype))
-        return F.embedding(ids, table)
-
-
-@contextlib.contextmanager
-def swapped_token_embedding(text_encoder, module):
-    """Temporarily replace the text encoder's token-embedding module."""
-    original = text_encoder.get_input_embeddings()
-    text_encoder.set_input_embeddings(module)
-    try:
-        yield
-    finally:
-        text_encoder.set_input_embeddings(original)
-
-
-def initial_vector(pipe, class_name: str, generic_word: str) -> tuple[torch.Tensor, str]:
-    """The class name's token embedding if it is one known token, else the generic word's (mean over its tokens)."""
-    tok, table = pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight.detach()
-    ids = tok(class_name, add_special_tokens=False).input_ids
-    if len(ids) == 1:
-        return table[ids[0]].float(), class_name
-    ids = tok(generic_word, add_special_tokens=False).input_ids
-    return table[ids].float().mean(dim=0), generic_word
-
-
-@torch.no_grad()
-def encode_latents(pipe, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """Images in [0, 1] -> scaled VAE latents (posterior means)."""
-    vae = pipe.vae
-    out = []
-    for chunk in images.split(batch):
-        x = chunk.to(vae.device, vae.dtype) * 2 - 1
-        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(out).float()
-
-
-def sample_timesteps(n: int, num_train_timesteps: int, how: str, g: torch.Generator) -> torch.Tensor:
-    """``n`` timesteps: i.i.d. uniform, or stratified (one uniform draw in each of ``n`` equal strata)."""
-    if how == "uniform":
-        return torch.randint(num_train_timesteps, (n,), generator=g)
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    return ((torch.arange(n, dtype=torch.float64) + u) * num_train_timesteps / n).long().clamp_(max=num_train_timesteps - 1)
-
-
-def draw_validation_set(latents: torch.Tensor, size: int, num_train_timesteps: int, g: torch.Generator) -> ValidationSet:
-    """``size`` triples from ``g`` alone: collages cycled in a random order, stratified timesteps, fresh noise."""
-    order = torch.randperm(len(latents), generator=g)
-    pick = order[torch.arange(size) % len(latents)]
-    t = sample_timesteps(size, num_train_timesteps, "stratified", g)
-    noise = torch.randn((size, *latents.shape[1:]), generator=g)
-    return ValidationSet(latents[pick], t, noise)
-
-
-def denoising_loss(pipe, ids: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise_sched,
-                   reduction: str = "mean") -> torch.Tensor:
-    """MSE between the frozen UNet's prediction (conditioned on prompt ``ids``) and its target at ``t``."""
-    device = pipe.unet.device
-    z0, noise, t = z0.to(device), noise.to(device), t.to(device)
-    zt = noise_sched.add_noise(z0, noise, t)
-    target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
-        cond = pipe.text_encoder(ids.expand(len(z0), -1))[0]
-        pred = pipe.unet(zt.to(pipe.unet.dtype), t, encoder_hidden_states=cond).sample
-    err = (pred.float() - target.float()).pow(2)
-    return err.mean() if reduction == "mean" else err.flatten(1).mean(1)
-
-
-@torch.no_grad()
-def validation_loss(pipe, ids: torch.Tensor, val: ValidationSet, noise_sched, batch: int) -> float:
-    """Mean denoising loss over the fixed validation triples (batched; same value whatever ``batch``)."""
-    total = 0.0
-    for start in range(0, len(val.latents), batch):
-        sl = slice(start, start + batch)
-        total += float(denoising_loss(pipe, ids, val.latents[sl], val.timesteps[sl], val.noise[sl], noise_sched,
-                                      reduction="none").double().sum())
-    return total / len(val.latents)
+NORM_CONTROL = ("free", "init", "vocab")
 
 
 def log_inversion(class_name: str, init_word: str, stats: dict, curve: list[float], steps: int) -> None:
-    """One log line per class: the initialising word, and how far validation got below it."""
+    """One log line per class: the initialiser, and validation loss, render score and norm, init -> kept."""
     init, best = stats["val_loss_init"], stats["val_loss_best"]
     change = 100 * (best - init) / init if init else 0.0
-    log.info("class %s: init %r, val loss %.4f -> %.4f (%+.1f%%, at step %d of %d; validation %.1fs)%s",
-             printable(class_name), init_word, init, best, change, stats["best_step"], steps, stats["val_seconds"],
-             f", train loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "")
+    render = (f", renders {100 * stats['render_init']:.0f}% -> {100 * stats['render_best']:.0f}% "
+              f"({stats['render_seconds']:.1f}s)" if "render_best" in stats else "")
+    log.info("class %s: init %r, val loss %.4f -> %.4f (%+.1f%%, kept step %d of %d; validation %.1fs)%s, "
+             "norm %.3f -> %.3f (vocabulary mean %.3f)%s", printable(class_name), init_word, init, best, change,
+             stats["best_step"], steps, stats["val_seconds"], render, stats["norm_init"], stats["norm_best"],
+             stats["vocab_norm"], f", train loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "")
+
+
+@dataclass
+class InversionRun:
+    """What one run leaves: the candidates it would keep, its curves, its costs."""
+
+    candidates: list = field(default_factory=list)  # keepbest.Candidate: init, every render_every steps, last
+    val_best: int = 0  # index in candidates of the lowest validation loss
+    val_curve: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    val_seconds: float = 0.0
+    skipped: int = 0
+
+
+def hold_norm(vectors: torch.Tensor, init: torch.Tensor, how: str, vocab_norm: float) -> None:
+    """Rescale each slot vector in place to its target norm ("init": the initialiser's, "vocab": the mean token's)."""
+    if how == "free":
+        return
+    target = init.norm(dim=1, keepdim=True) if how == "init" else torch.full_like(vectors[:, :1], vocab_norm)
+    with torch.no_grad():
+        vectors.mul_(target / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def train_vectors(pipe, latents, ids, val: ValidationSet, noise_sched, slot_module, settings: InversionSettings,
+                  g: torch.Generator) -> InversionRun:
+    """Steps 3-4 of :func:`invert_class_token`: AdamW on the slot vectors, validated, candidates collected."""
+    init, vocab = slot_module.vectors.detach().clone(), mean_token_norm(pipe)
+    opt = torch.optim.AdamW([slot_module.vectors], lr=settings.lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
+    scaler, run = loss_scaler(pipe), InversionRun()  # fp16: scaled loss, inf/NaN steps skipped (builder/precision.py)
+    num_t, every = noise_sched.config.num_train_timesteps, settings.render_every or settings.steps + 1
+    lowest = None  # the candidate with the lowest validation loss so far
+    for step in range(settings.steps + 1):
+        if step:  # step 0 scores the initialiser: the vector to beat
+            pick = torch.randint(len(latents), (settings.batch,), generator=g)
+            noise = torch.randn(latents[pick].shape, generator=g)
+            t = sample_timesteps(settings.batch, num_t, settings.timesteps, g)
+            loss = denoising_loss(pipe, ids, latents[pick], t, noise, noise_sched)
+            if settings.norm_pull:  # L2 pull toward the initialiser, relative to the vocabulary's token norm
+                loss = loss + settings.norm_pull * (slot_module.vectors - init).pow(2).sum(1).mean() / vocab**2
+            run.skipped += not scaled_step(loss, opt, scaler)
+            hold_norm(slot_module.vectors, init, settings.norm, vocab)
+            run.losses.append(float(loss.detach()))
+        if step % settings.val_every and step % every and step != settings.steps:
+            continue
+        t0 = time.perf_counter()
+        current = validation_loss(pipe, ids, val, noise_sched, settings.batch)
+        run.val_seconds += time.perf_counter() - t0
+        run.val_curve.append((step, current))
+        cand = Candidate(step, current, slot_module.vectors.detach().cpu().numpy().astype(np.float32))
+        if step % every == 0 or step == settings.steps:
+            run.candidates.append(cand)
+        if lowest is None or current < lowest.val_loss:
+            lowest = cand
+    if all(cand.step != lowest.step for cand in run.candidates):
+        run.candidates.append(lowest)  # the lowest validation loss is always a candidate
+    run.val_best = next(k for k, cand in enumerate(run.candidates) if cand.step == lowest.step)
+    return run
 
 
 def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: str, placeholder: str,
-                       settings: InversionSettings, g: torch.Generator,
-                       val_g: torch.Generator) -> tuple[np.ndarray, list[float], dict]:
+                       settings: InversionSettings, g: torch.Generator, val_g: torch.Generator,
+                       render_score=None) -> tuple[np.ndarray, list[float], dict]:
     """Learn ``[n_vectors, D]`` so the frozen model renders ``collages`` from the template prompt.
 
-    Logs (logger ``d3m-build``) the initialising word and the validation loss it reached.
+    Logs (logger ``d3m-build``) the initialising word, the validation loss and the render score it reached.
 
     Args:
         g: the training stream (batches, timesteps, noise).
         val_g: draws the fixed validation set only, so validation never changes the training stream.
+        render_score: candidate vectors -> render score each (builder/keepbest.py); ``None``: keep the
+            lowest validation loss.
 
     Returns:
-        (the best vectors on the validation set as float32 numpy, mean training loss of each tenth of
-        the run, ``{"val_loss_init", "val_loss_best", "best_step", "val_curve"}``; best_step 0 is the
-        initialisation, val_curve the (step, validation loss) pairs scored, val_seconds their cost).
+        (the kept vectors as float32 numpy, mean training loss of each tenth of the run, stats:
+        ``init_words``; ``val_loss_init``, ``val_loss_best`` (the kept vector's), ``best_step`` (0: the
+        initialiser), ``val_curve`` ((step, loss) pairs), ``val_seconds``; with ``render_score``:
+        ``render_init``, ``render_best``, ``render_curve``, ``render_seconds``; ``skipped_steps`` (fp16
+        overflow); ``norm_init``, ``norm_best`` (mean L2 over slots), ``vocab_norm`` (mean token norm)).
     """
     from diffusers import DDPMScheduler
 
@@ -187,40 +171,27 @@ def invert_class_token(pipe, collages: torch.Tensor, class_name: str, template: 
     latents = encode_latents(pipe, collages)
     ids, slots = placeholder_prompt(pipe, template, placeholder, settings.n_vectors)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    num_t = noise_sched.config.num_train_timesteps
-    val = draw_validation_set(latents, settings.val_size, num_t, val_g)
-    # 2. the only trainable tensor: the slot rows, initialised from a real word
-    init, init_word = initial_vector(pipe, class_name, settings.generic_word)
-    slot_module = SlotEmbedding(pipe.text_encoder.get_input_embeddings(), slots, init.expand(settings.n_vectors, -1))
-    opt = torch.optim.AdamW([slot_module.vectors], lr=settings.lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
-    losses = []
+    val = draw_validation_set(latents, settings.val_size, noise_sched.config.num_train_timesteps, val_g)
+    # 2. the only trainable tensor: the slot rows, initialised from the class's name (builder/initialisers.py)
+    init, init_words = initial_vectors(pipe, class_name, settings.n_vectors, settings.generic_word)
+    slot_module = SlotEmbedding(pipe.text_encoder.get_input_embeddings(), slots, init)
+    # 3-4. train; validate every val_every steps; collect the candidates
     with swapped_token_embedding(pipe.text_encoder, slot_module):
-        # 3. score the initialising word: the vector to beat
-        best = slot_module.vectors.detach().clone()
+        run = train_vectors(pipe, latents, ids, val, noise_sched, slot_module, settings, g)
+    stats = {"init_words": init_words, "val_loss_init": run.candidates[0].val_loss, "val_curve": run.val_curve,
+             "val_seconds": run.val_seconds, "skipped_steps": run.skipped}
+    # 5. keep the candidate that renders best (ties: lower validation loss), or the lowest validation loss
+    keep = run.val_best
+    if render_score is not None and settings.steps > 0:
         t0 = time.perf_counter()
-        val_init = val_best = validation_loss(pipe, ids, val, noise_sched, settings.batch)
-        val_seconds = time.perf_counter() - t0
-        best_step, val_curve = 0, [(0, val_init)]
-        # 4. noise-prediction MSE over random collages and timesteps; validate every val_every steps, keep the best
-        for step in range(1, settings.steps + 1):
-            pick = torch.randint(len(latents), (settings.batch,), generator=g)
-            noise = torch.randn(latents[pick].shape, generator=g)
-            t = sample_timesteps(settings.batch, num_t, settings.timesteps, g)
-            loss = denoising_loss(pipe, ids, latents[pick], t, noise, noise_sched)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if step % settings.val_every == 0 or step == settings.steps:
-                t0 = time.perf_counter()
-                current = validation_loss(pipe, ids, val, noise_sched, settings.batch)
-                val_seconds += time.perf_counter() - t0
-                val_curve.append((step, current))
-                if current < val_best:
-                    val_best, best_step, best = current, step, slot_module.vectors.detach().clone()
-    tenth = max(1, len(losses) // 10)
-    curve = [float(np.mean(losses[i : i + tenth])) for i in range(0, len(losses), tenth)]
-    stats = {"val_loss_init": val_init, "val_loss_best": val_best, "best_step": best_step, "val_curve": val_curve,
-             "val_seconds": val_seconds}
-    log_inversion(class_name, init_word, stats, curve, settings.steps)
-    return best.cpu().numpy().astype(np.float32), curve, stats
+        scores = render_score([cand.vectors for cand in run.candidates])
+        keep = choose_candidate(run.candidates, scores)
+        stats.update(render_init=scores[0], render_best=scores[keep], render_seconds=time.perf_counter() - t0,
+                     render_curve=[(cand.step, score) for cand, score in zip(run.candidates, scores)])
+    kept = run.candidates[keep]
+    stats.update(val_loss_best=kept.val_loss, best_step=kept.step, norm_init=float(init.norm(dim=1).mean()),
+                 norm_best=float(np.linalg.norm(kept.vectors, axis=1).mean()), vocab_norm=mean_token_norm(pipe))
+    tenth = max(1, len(run.losses) // 10)
+    curve = [float(np.mean(run.losses[i : i + tenth])) for i in range(0, len(run.losses), tenth)]
+    log_inversion(class_name, " ".join(init_words), stats, curve, settings.steps)
+    return kept.vectors, curve, stats

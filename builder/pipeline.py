@@ -5,9 +5,10 @@ Per class (independent of every other class, so shards agree with a single run):
 1. load the class's real images;
 2. select the grid²·IPC most informative patches with the teacher;
 3. tile them into IPC collages;
-4. the early domain check: a few renders of the class name, labelled by the
-   teacher, warn before the minutes of inversion (builder/guards.py);
-5. textual inversion: learn the class token on those collages;
+4. the early domain check: a few renders of the class's initialiser, labelled
+   by the teacher, warn before the minutes of inversion (builder/guards.py);
+5. textual inversion: learn the class token on those collages; keep the
+   candidate that renders the class best (builder/keepbest.py);
 6. seeds: IPC per class (optionally the best of M candidates each);
 7. regenerate every image through d3mfmt's generator, split into patches,
    teacher -> soft label per patch, fingerprint per image;
@@ -26,7 +27,7 @@ build goes on.
 
 Example:
     >>> from builder.pipeline import build_archive
-    >>> from builder.assemble import label_encoding
+    >>> from builder.labeloptions import label_encoding
     >>> from builder.settings import demo_settings
     >>> from builder.sources import MnistSource
     >>> result = build_archive(MnistSource("train"), demo_settings(ipc=1), Path("mnist_ipc1.d3m"),
@@ -36,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -52,10 +52,12 @@ from d3mfmt.generator import Regenerator, default_dtype
 from d3mfmt.manifest import generator_to_dict
 from d3mfmt.terminal import printable
 
-from .assemble import (BuildResult, archive_manifest, below_min_agreement, check_labels, class_labels, merge_flags,
-                       write_build)
-from .guards import EARLY_RENDERS, check_class_order, class_name_vectors, domain_message, domain_problems, early_domain_check
+from .assemble import BuildResult, archive_manifest, below_min_agreement, class_labels, write_build
+from .guards import EARLY_RENDERS, check_class_order, domain_message, domain_problems, early_domain_check
+from .initialisers import initial_vectors
 from .inversion import invert_class_token
+from .labeloptions import check_labels, merge_flags
+from .keepbest import render_scorer, scoring_seeds
 from .labelling import choose_seeds, class_generator, class_seeds, render_and_label
 from .model import check_build_render_cost, generator_info, load_build_model, native_resolution, warn_cpu_cost
 from .patches import make_collages, select_patches
@@ -88,7 +90,7 @@ def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEn
 
     Args:
         settings: the archive's content; ``None`` fields take the model's defaults.
-        labels: how the soft labels are stored (:func:`builder.assemble.label_encoding`).
+        labels: how the soft labels are stored (:func:`builder.labeloptions.label_encoding`).
         workdir: checkpoints, default ``OUT.work`` next to the archive; rerun to resume.
         run: device, shard and the two guards (builder/guards.py).
         teacher_accuracy: the teacher's held-out accuracy to record, if known.
@@ -208,11 +210,10 @@ def build_classes(ctx: BuildContext, workdir: Path, run: RunOptions) -> Workdir:
 
 
 def early_check(ctx: BuildContext, c: int, name: str) -> None:
-    """Warn when the teacher takes under half the patches of a few class-name renders for class ``c``."""
+    """Warn when the teacher takes under half the patches of a few renders of the initialiser for class ``c``."""
     s = ctx.settings
-    vectors = class_name_vectors(ctx.pipe, ctx.source.classes[c].name, s.inversion.n_vectors)
-    if vectors is None:
-        return
+    init, _ = initial_vectors(ctx.pipe, ctx.source.classes[c].name, s.inversion.n_vectors, s.inversion.generic_word)
+    vectors = init.cpu().numpy().astype(np.float16).astype(np.float32)  # as the archive would store it
     regen = Regenerator(ctx.generator, vectors[None], RenderOptions(device=ctx.device, dtype=ctx.generator.dtype))
     agreement, top = early_domain_check(regen, c, class_seeds(s.seed, c, EARLY_RENDERS), ctx.teacher, s.grid, ctx.device)
     if agreement < LOW_AGREEMENT_FLOOR:
@@ -247,15 +248,17 @@ def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     early_check(ctx, c, name)
     # 5. textual inversion
     t0 = time.perf_counter()
+    candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
+    scorer = None if not s.inversion.render_every else render_scorer(
+        gen, teacher, c, scoring_seeds(s.seed, c, s.inversion.render_images, exclude=candidates), s.grid, device)
     vectors, _, inversion = invert_class_token(ctx.pipe, collages, info.name, gen.prompt_template, gen.placeholder,
-                                               s.inversion, g, val_g)
+                                               s.inversion, g, val_g, render_score=scorer)
     times["invert"] = time.perf_counter() - t0
     # 6-7. seeds, regeneration through d3mfmt, soft labels, fingerprints
     t0 = time.perf_counter()
     # the archive stores fp16 vectors: label exactly what a consumer will render from them
     vectors = vectors.astype(np.float16).astype(np.float32)
     regen = Regenerator(gen, vectors[None], RenderOptions(device=device, dtype=gen.dtype))
-    candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
     seeds = choose_seeds(regen, 0, c, candidates, s.ipc, teacher, s.grid, device)
     probs, prints, _ = render_and_label(regen, 0, seeds, teacher, s.grid, s.temperature, s.fingerprint_size, device)
     times["label"] = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from PIL import Image
 from d3mfmt import ClassInfo, D3MError, SourceInfo
 from d3mfmt.mnist import MNIST_CLASS_NAMES, load_mnist, to_rgb32
 
-from .classlist import check_class_entry, read_class_list  # noqa: F401 (read_class_list: re-exported)
+from .classlist import check_class_entry
 from .decode import ImageProblem, open_image
 from .prefetch import IMAGE_CHUNK, ImageStream, prefetch_map, stacked
 

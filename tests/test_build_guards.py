@@ -16,7 +16,8 @@ from tiny_teacher import build_permuted_teacher
 import d3mfmt
 from builder.cli import main
 from builder.guards import best_assignment, check_class_order, domain_problems, teacher_confusion
-from builder.sources import ImageFolderSource, read_class_list
+from builder.classlist import read_class_list
+from builder.sources import ImageFolderSource
 from builder.workdir import Workdir
 from d3mfmt import ClassInfo, D3MError
 
@@ -209,7 +210,6 @@ def test_an_option_without_its_mode_is_an_error(data, tmp_path, options, message
 
 
 def test_class_list_files_empty_non_utf8_and_spaces(tmp_path):
-    from builder.sources import read_class_list
 
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     with pytest.raises(D3MError, match="lists no classes"):

@@ -248,7 +248,7 @@ def test_bad_label_options_fail_before_building(image_folder, tmp_path, kind_opt
 
 
 def test_zero_inversion_steps_keep_the_initial_word(tiny_model, image_folder, tmp_path):
-    from builder.inversion import initial_vector
+    from builder.initialisers import initial_vectors
     from d3mfmt.generator import shared_pipeline
     from d3mfmt.modelpin import model_identity
 
@@ -258,8 +258,9 @@ def test_zero_inversion_steps_keep_the_initial_word(tiny_model, image_folder, tm
     tensors, meta = wd.load_class(0)
     assert meta["inversion"]["best_step"] == 0 and [step for step, _ in meta["inversion"]["val_curve"]] == [0]
     pipe = shared_pipeline(tiny_model, model_identity(tiny_model), "cpu", "float32")
-    word = initial_vector(pipe, "a_red", "object")[0].numpy().astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(tensors["embedding"], word[None])
+    word = initial_vectors(pipe, "a_red", 1, "object")[0].numpy().astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(tensors["embedding"], word)
+    assert meta["inversion"]["init_words"] == ["a_red"]
 
 
 def test_build_info_records_inversion_validation_per_class(tiny_build):
@@ -270,7 +271,9 @@ def test_build_info_records_inversion_validation_per_class(tiny_build):
     inv = a.manifest.build["inversion"]
     assert sorted(inv) == ["a_red", "b_green", "c_blue"]
     for entry in inv.values():
-        assert set(entry) == {"val_loss_init", "val_loss_best", "best_step"}
+        assert set(entry) == {"init_words", "val_loss_init", "val_loss_best", "best_step", "norm_init", "norm_best",
+                              "vocab_norm", "skipped_steps", "render_init", "render_best"}
+        assert entry["skipped_steps"] == 0 and entry["vocab_norm"] > 0 and entry["render_best"] >= entry["render_init"]
         assert entry["val_loss_best"] <= entry["val_loss_init"] and 0 <= entry["best_step"] <= 4
     summary = inversion_summary(a.manifest.build)
     assert summary["classes"] == 3 and summary["unreadable"] == 0

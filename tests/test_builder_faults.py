@@ -22,7 +22,8 @@ from builder import assemble
 from builder.cli import main
 from builder.decode import MAX_DECODE_PIXELS, open_image
 from builder.guards import archive_warnings, domain_problems, regenerated_precision
-from builder.sources import ImageFolderSource, read_class_list
+from builder.classlist import read_class_list
+from builder.sources import ImageFolderSource
 from builder.teachers import CheckedTeacher, TeacherError
 from builder.workdir import Workdir
 from d3mfmt import ClassInfo, D3MError

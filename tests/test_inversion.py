@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from builder.inversion import (
-    InversionSettings,
-    draw_validation_set,
-    encode_latents,
-    initial_vector,
-    invert_class_token,
-    sample_timesteps,
-    validation_loss,
-)
+from builder.denoising import draw_validation_set, encode_latents, sample_timesteps, validation_loss
+from builder.initialisers import initial_vectors
+from builder.inversion import InversionSettings, invert_class_token
 from d3mfmt.generator import shared_pipeline
 from d3mfmt.modelpin import model_identity
 from d3mfmt.prompts import placeholder_prompt
@@ -58,7 +52,7 @@ def test_huge_learning_rate_keeps_the_initial_word():
     assert [step for step, _ in stats["val_curve"]] == [0, 2, 4]
     assert all(loss > stats["val_loss_init"] for _, loss in stats["val_curve"][1:])
     assert stats["best_step"] == 0 and stats["val_loss_best"] == stats["val_loss_init"]
-    np.testing.assert_array_equal(vectors, initial_vector(mnist, "seven", "object")[0][None].numpy())
+    np.testing.assert_array_equal(vectors, initial_vectors(mnist, "seven", 1, "object")[0].numpy())
 
 
 def test_sane_learning_rate_improves_and_returns_the_vector_it_scored(pipe, collages):
@@ -67,7 +61,7 @@ def test_sane_learning_rate_improves_and_returns_the_vector_it_scored(pipe, coll
     best_step, best = min(stats["val_curve"], key=lambda x: x[1])
     assert (stats["best_step"], stats["val_loss_best"]) == (best_step, best) and best_step > 0
     assert stats["val_loss_best"] < stats["val_loss_init"] == stats["val_curve"][0][1]
-    assert not np.array_equal(vectors, initial_vector(pipe, "a", "object")[0][None].numpy())
+    assert not np.array_equal(vectors, initial_vectors(pipe, "a", 1, "object")[0].numpy())
     # rescoring the returned vector on the same validation triples gives the recorded best loss
     ids, slots = placeholder_prompt(pipe, TEMPLATE, "{token}", 1)
     from diffusers import DDPMScheduler

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder.assemble import label_encoding, merge_archives
+from builder.assemble import merge_archives
+from builder.labeloptions import label_encoding
 from builder.inversion import InversionSettings
 from builder.labelling import teacher_probs
 from builder.patches import PatchSettings, make_collages, select_patches
