@@ -46,14 +46,14 @@ def synthetic_archive(num_classes: int, ipc: int, grid: int) -> d3mfmt.Archive:
             steps=20, guidance_scale=2.0, height=size, width=size, latent_shape=(4, size // 4, size // 4),
             prompt_template="a photo of {token}",
         ),
-        embeddings=EmbeddingInfo(1, 8, "float16"),
+        embeddings=EmbeddingInfo(1, 64, "float16"),  # the built-in model's width (SPEC geometry rule)
         labels=LabelEncoding("hard", 1, None),
     )
     rows = num_classes * ipc * grid * grid
     probs = np.zeros((rows, num_classes), np.float32)
     probs[np.arange(rows), np.arange(rows) // (ipc * grid * grid)] = 1.0
     rng = np.random.default_rng(0)
-    return d3mfmt.Archive(manifest, embeddings=rng.normal(size=(num_classes, 1, 8)).astype(np.float16),
+    return d3mfmt.Archive(manifest, embeddings=rng.normal(size=(num_classes, 1, 64)).astype(np.float16),
                           seeds=np.arange(num_classes * ipc, dtype=np.int64).reshape(num_classes, ipc),
                           labels=d3mfmt.encode_labels(probs, manifest.labels))
 
@@ -82,7 +82,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="d3m-sim-") as work:
         path = Path(work) / "simulated.d3m"
         d3mfmt.save_file(synthetic_archive(args.classes, args.ipc, args.grid), path)
-        ds = D3MDataset(path, render=d3mfmt.RenderOptions(device="cpu"))
+        never_rendered = d3mfmt.RenderLimits(evaluations=None, latent_pixels=None, per_image=None, total=None)
+        ds = D3MDataset(path, render=d3mfmt.RenderOptions(device="cpu", limits=never_rendered))
         n_images = ds.num_classes * ds.ipc
         print(f"{ds.num_classes} classes x IPC {ds.ipc}, {args.grid}x{args.grid} patches: {n_images:,} images, "
               f"{len(ds):,} patches; {args.batch} patches per rank per step; first epoch (epoch 0, seed 0)")
