@@ -29,6 +29,7 @@ def test_readme_python_snippets_run(monkeypatch, capsys, tmp_path, topk_cache):
     out = capsys.readouterr().out
     assert "10 2 2 (10, 1, 64)" in out
     assert "80 (16, 3, 32, 32) (16, 10)" in out  # the DataLoader snippet ran on regenerated patches
+    assert "(3, 64, 64) (4, 10) True" in out  # unit="image" under RenderOptions; image_cache_dir lies under cache_dir
     assert len(cached) == 20 and (sorted(tmp_path.rglob("*.npy")) == cached if on_cpu else
                                   len(list(tmp_path.rglob("*.npy"))) > 20)
     assert "truncated" in out or "not a .d3m" in out
