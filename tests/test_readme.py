@@ -161,3 +161,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert readme_commands == ["make demo", "make test"] and ci == ["make test"]
+
+
+def test_readme_summary_is_what_d3m_inspect_prints():
+    from click.testing import CliRunner
+    from d3mfmt.cli import inspect_main
+
+    shown = re.search(r"```text\n\$ d3m-inspect (\S+)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    result = CliRunner().invoke(inspect_main, [str(ROOT / shown.group(1))])
+    assert result.exit_code == 0 and result.stdout == shown.group(2)
