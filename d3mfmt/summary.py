@@ -72,7 +72,27 @@ def inversion_summary(build: dict) -> dict | None:
         "improved": sum(c < 0 for c in changes),
         "unreadable": len(per_class) - len(changes),
         "mean_val_loss_change": round(mean, 6) if mean is not None and math.isfinite(mean) else None,
+        "renders": render_summary(per_class),
     }
+
+
+def render_summary(per_class: dict) -> dict | None:
+    """Mean teacher agreement on the builder's scoring renders, initialiser -> vector kept; None without them.
+
+    Only entries whose ``render_init`` and ``render_best`` are fractions count; ``moved`` counts
+    the classes whose kept vector is not the initialiser (``best_step`` > 0).
+    """
+    pairs, moved = [], 0
+    for entry in per_class.values():
+        init, best = (entry.get("render_init"), entry.get("render_best")) if isinstance(entry, dict) else (None, None)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in (init, best)):
+            pairs.append((init, best))
+            step = entry.get("best_step")
+            moved += isinstance(step, (int, float)) and step > 0
+    if not pairs:
+        return None
+    return {"classes": len(pairs), "moved": moved, "init": round(sum(p[0] for p in pairs) / len(pairs), 6),
+            "kept": round(sum(p[1] for p in pairs) / len(pairs), 6)}
 
 
 def summarize(archive: Archive, members: dict[str, int], file_size: int) -> dict:
@@ -192,6 +212,10 @@ def render_text(s: dict, max_names: int = 6) -> str:
         mean = "" if inv["mean_val_loss_change"] is None else f", mean {100 * inv['mean_val_loss_change']:+.1f}%"
         bad = f", {inv['unreadable']} unreadable" if inv["unreadable"] else ""
         lines.insert(-1, f"inversion     val loss improved on {inv['improved']}/{inv['classes']} classes{mean}{bad}")
+        if inv.get("renders"):
+            r = inv["renders"]
+            lines.insert(-1, f"              teacher on scoring renders {100 * r['init']:.1f}% -> {100 * r['kept']:.1f}% "
+                             f"(initialiser -> kept; vector moved in {r['moved']}/{r['classes']} classes)")
     lines += [f"  {name:<22}{size:>12,} bytes" for name, size in s["members"].items()]
     return "\n".join(printable(line) for line in lines)
 

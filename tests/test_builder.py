@@ -281,3 +281,13 @@ def test_build_info_records_inversion_validation_per_class(tiny_build):
     text = CliRunner().invoke(inspect_main, [str(tiny_build.out)]).stdout
     assert f"val loss improved on {summary['improved']}/3 classes" in text
     assert inversion_summary({"inversion": {"x": {"val_loss_init": "?"}}})["unreadable"] == 1
+    renders = summary["renders"]
+    assert renders["classes"] == 3 and renders["moved"] == sum(e["best_step"] > 0 for e in inv.values())
+    assert renders["kept"] == pytest.approx(np.mean([e["render_best"] for e in inv.values()]), abs=1e-6)
+    assert f"teacher on scoring renders {100 * renders['init']:.1f}% -> {100 * renders['kept']:.1f}%" in text
+    # hand-made entries: fractions only, the rest ignored
+    hand = {"inversion": {"a": {"render_init": 0.5, "render_best": 1.0, "best_step": 50},
+                          "b": {"render_init": 0.25, "render_best": 0.25, "best_step": 0},
+                          "c": {"render_init": 2.0, "render_best": True}}}
+    assert inversion_summary(hand)["renders"] == {"classes": 2, "moved": 1, "init": 0.375, "kept": 0.625}
+    assert inversion_summary({"inversion": {"a": {"val_loss_init": 1.0, "val_loss_best": 0.5}}})["renders"] is None
