@@ -24,6 +24,7 @@ from d3mfmt.files import write_atomic
 from d3mfmt.manifest import generator_from_dict
 from d3mfmt.terminal import printable
 
+from .buildinfo import agreement_info
 from .guards import archive_warnings, regenerated_precision
 from .labeloptions import fit_labels, recorded_labels
 from .settings import check_min_agreement
@@ -108,44 +109,6 @@ def archive_manifest(record: dict, labels: LabelEncoding, name: str, n_vectors: 
         fingerprint_size=int(s["fingerprint_size"]),
         build={"tool": f"d3mfmt {d3mfmt.__version__}", "settings": s, **(build_info or {})},
     )
-
-
-INVERSION_RECORD = (  # what build.inversion records per class (only the keys a checkpoint has)
-    "init_words",  # the words the initialiser was made from (builder/initialisers.py)
-    "val_loss_init", "val_loss_best", "best_step",  # denoising loss on the fixed validation triples
-    "render_init", "render_best",  # teacher agreement on the scoring renders (builder/keepbest.py)
-    "norm_init", "norm_best", "vocab_norm",  # mean L2 norm over slots; the vocabulary's mean token norm
-    "skipped_steps",  # fp16 steps skipped for an inf/NaN gradient
-)
-
-
-def inversion_record(stats: dict) -> dict:
-    """One class's ``build.inversion`` entry: the :data:`INVERSION_RECORD` keys it has, floats to 6 places."""
-    return {k: round(stats[k], 6) if isinstance(stats[k], float) else stats[k] for k in INVERSION_RECORD if k in stats}
-
-
-def agreement_info(classes: list[dict], metas: list[dict], precision: list[float | None] | None = None) -> dict:
-    """Build info: the teacher's top-1 agreement with each class on real and on regenerated patches.
-
-    ``precision`` (:func:`builder.guards.regenerated_precision`): per class, the share of the
-    regenerated patches (of every class) the teacher takes for it that are its own.
-    """
-    per_class = {}
-    for c, m in enumerate(metas):
-        entry = {"regenerated": round(float(m["regenerated"]), 4)}
-        if precision is not None and precision[c] is not None:
-            entry["precision"] = round(float(precision[c]), 4)
-        if m.get("real_agreement") is not None:  # absent in checkpoints of older builds
-            entry["real"] = round(float(m["real_agreement"]), 4)
-        per_class[classes[c]["id"]] = entry
-    # per class: textual inversion, initialiser -> vector kept (builder/inversion.py)
-    inversion = {c["id"]: inversion_record(m["inversion"])
-                 for c, m in zip(classes, metas) if "inversion" in m}  # absent in checkpoints of older builds
-    return {
-        "regenerated_patch_agreement": round(float(np.mean([m["regenerated"] for m in metas])), 6),
-        "agreement": per_class,
-        **({"inversion": inversion} if inversion else {}),
-    }
 
 
 def finished_classes(workdirs: list[Path]) -> tuple[dict, list[tuple[dict, dict]], Path]:
