@@ -374,7 +374,7 @@ def applied_scheduler_config(pipe, scheduler: str, config: dict) -> dict:
         applied = _with_scheduler(pipe, scheduler, config).scheduler.config
     # keys the scheduler does not take (a PNDM config's skip_prk_steps carried into DDIM) change nothing
     # in the render, and the format refuses them
-    taken = SCHEDULER_KEYS.get(scheduler, {})
+    taken = SCHEDULER_KEYS[scheduler]  # callers pass a scheduler the format allows
     return {k: v for k, v in applied.items() if k in taken}
 
 
