@@ -89,7 +89,7 @@ def check_build_render_cost(gen: GeneratorInfo, num_images: int, pipe) -> None:
     from d3mfmt.renderable import RenderLimits, check_cost
 
     try:
-        check_cost(gen, num_images, RenderLimits.for_model(pipe.unet.config.sample_size), limit_of="the readers")
+        check_cost(gen, num_images, RenderLimits.for_model(pipe.unet.config.sample_size), limit_of="a default reader")
     except D3MError as err:
         reason = str(err).split("; if you trust", 1)[0].removeprefix("manifest.json: generator asks ")
         raise D3MError(f"these settings make an archive that readers refuse by default: it asks {reason}; "

@@ -18,7 +18,7 @@ METHOD_NAMES = {
     "rded": "real-patch collages (RDED-style)",
     "full": "full train split",
     "grid1": ".d3m, grid 1x1",
-    "grid3": ".d3m, grid 3x3 (96 px)",
+    "grid3": ".d3m, grid 3x3 (48-px images: 16-px patches)",
     "single": ".d3m, single images (grid 1x1, 4x IPC)",
 }
 CURVES = ("d3m", "word", "random", "rded")  # the equal-storage methods
@@ -112,7 +112,7 @@ def ablation_table(rows, ipc) -> list[str]:
              "|---|---:|---:|---:|---:|---:|"]
     for method, k, grid in (("grid1", ipc, 1), ("d3m", ipc, 2), ("grid3", ipc, 3), ("single", 4 * ipc, 1)):
         s, t = find(rows, method, k, "stored"), find(rows, method, k, "teacher")
-        if s or t:
+        if s and t:
             name = ".d3m, grid 2x2 (default)" if method == "d3m" else METHOD_NAMES[method]
             lines.append(f"| {name} | {k} | {k * grid * grid} | {s.bytes:,} | {pm(s.accs)} | {pm(t.accs)} |")
     for method in ("random", "rded"):
