@@ -146,8 +146,13 @@ def _shard_help() -> str:
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)),
               help="The frozen model's dtype for inversion and rendering; the labels are computed in it "
                    "[default: float16 on CUDA, float32 on the CPU].")
+@click.option("--trust-render-cost", is_flag=True,
+              help="Build settings whose render cost (steps, size, images) is over a default reader's bounds; "
+                   "the archive's readers then need --trust-render-cost too.")
 def build_command(**options) -> None:
     """Distil the ImageFolder DATA (or the built-in MNIST split with --demo) into the archive OUT."""
+    from d3mfmt.renderable import UNBOUNDED
+
     from .labeloptions import check_requested_k, label_encoding
     from .pipeline import build_archive
     from .settings import DEMO_TEACHER, RunOptions
@@ -162,7 +167,8 @@ def build_command(**options) -> None:
         run = RunOptions(**_given(shard=None if options["shard"] is None else parse_shard(options["shard"]),
                                   device=options["device"], dtype=options["dtype"],
                                   min_agreement=options["min_agreement"]),
-                         check_order=not options["ignore_class_order"])
+                         check_order=not options["ignore_class_order"],
+                         render_limits=UNBOUNDED if options["trust_render_cost"] else None)
         # 2. build (the demo records its teacher's accuracy on the held-out digits)
         accuracy = mnist_test_accuracy(load_teacher(DEMO_TEACHER)) if options["demo"] else None
         result = build_archive(source, settings, options["out"], labels=labels, workdir=options["workdir"], run=run,

@@ -55,15 +55,15 @@ def scoring_seeds(base_seed: int, c: int, count: int, exclude: list[int]) -> lis
 
 
 def render_scorer(gen: GeneratorInfo, teacher, target: int, seeds: list[int], grid: int,
-                  device: str) -> Callable[[list[np.ndarray]], list[float]]:
+                  render: RenderOptions) -> Callable[[list[np.ndarray]], list[float]]:
     """A function: candidate vectors -> the teacher's top-1 agreement with ``target`` on each one's renders."""
 
     def score(candidates: list[np.ndarray]) -> list[float]:
         stored = np.stack(candidates).astype(np.float16).astype(np.float32)  # what the archive would store
-        regen = Regenerator(gen, stored, RenderOptions(device=device, dtype=gen.dtype))
+        regen = Regenerator(gen, stored, render)
         out = []
         for k in range(len(stored)):
-            probs, _, _ = render_and_label(regen, k, seeds, teacher, grid, 1.0, None, device)
+            probs, _, _ = render_and_label(regen, k, seeds, teacher, grid, 1.0, None, render.device)
             out.append(float((probs.argmax(axis=1) == target).mean()))
         return out
 

@@ -84,16 +84,25 @@ def generator_info(s: BuildSettings, pipe, files: ModelFiles, dtype: str) -> Gen
     )
 
 
-def check_build_render_cost(gen: GeneratorInfo, num_images: int, pipe) -> None:
-    """Refuse settings whose archive readers would refuse by default (SPEC "Render cost"), before any data is read."""
+def check_build_render_cost(gen: GeneratorInfo, num_images: int, pipe, limits=None) -> None:
+    """Refuse settings whose archive readers would refuse by default (SPEC "Render cost"), before any data is read.
+
+    With ``limits`` (``RunOptions.render_limits``, lifted by ``--trust-render-cost``) such settings are
+    checked against those instead and built with a warning: every reader then needs the same trust.
+    """
     from d3mfmt.renderable import RenderLimits, check_cost
 
     try:
         check_cost(gen, num_images, RenderLimits.for_model(pipe.unet.config.sample_size), limit_of="a default reader")
     except D3MError as err:
         reason = str(err).split("; if you trust", 1)[0].removeprefix("manifest.json: generator asks ")
-        raise D3MError(f"these settings make an archive that readers refuse by default: it asks {reason}; "
-                       "lower --steps, --resolution or --ipc (or use fewer classes)") from None
+        if limits is None:
+            raise D3MError(f"these settings make an archive that readers refuse by default: it asks {reason}; "
+                           "lower --steps, --resolution or --ipc (or use fewer classes), or build it anyway with "
+                           "--trust-render-cost (its readers then need --trust-render-cost too)") from None
+        check_cost(gen, num_images, limits, limit_of="the build's render limits")
+        log.warning("this archive asks %s: readers refuse it unless told to trust its render cost "
+                    "(d3m-inspect --trust-render-cost, RenderOptions(limits=d3mfmt.RenderLimits(...)))", reason)
 
 
 def native_resolution(pipe) -> int:

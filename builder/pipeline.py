@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d3mfmt import D3MError, GeneratorInfo, LabelEncoding, Manifest, RenderOptions
+from d3mfmt import D3MError, GeneratorInfo, LabelEncoding, Manifest, RenderLimits, RenderOptions
 from d3mfmt.agreement import LOW_AGREEMENT_FLOOR
 from d3mfmt.devices import check_device
 from d3mfmt.generator import Regenerator, default_dtype
@@ -82,6 +82,11 @@ class BuildContext:
     device: str
     record: dict  # what binds the work directory: settings, classes, source, generator, teacher
     files: list[list[str]] | None = None  # per class, the images patch selection reads (the preflight's listing)
+    render_limits: RenderLimits | None = None  # RunOptions.render_limits: what the builder's own renders may cost
+
+    def render_options(self) -> RenderOptions:
+        """How the builder renders: on its device, in the generator's dtype, within the build's render limits."""
+        return RenderOptions(device=self.device, dtype=self.generator.dtype, limits=self.render_limits)
 
 
 def build_archive(source, settings: BuildSettings, out: Path, *, labels: LabelEncoding, workdir: Path | None = None,
@@ -150,7 +155,7 @@ def prepare(source, settings: BuildSettings, run: RunOptions, workdir: Path, out
     files, pipe = load_build_model(settings, device, dtype)
     settings = resolve_settings(settings, native_resolution(pipe))
     gen = generator_info(settings, pipe, files, dtype)
-    check_build_render_cost(gen, len(classes) * settings.ipc, pipe)
+    check_build_render_cost(gen, len(classes) * settings.ipc, pipe, run.render_limits)
     warn_cpu_cost(pipe, gen, settings)
     # 2. the teacher: one logit per class, in the data's class order
     teacher, teacher_name = resolve_teacher(settings.teacher)
@@ -179,7 +184,7 @@ def prepare(source, settings: BuildSettings, run: RunOptions, workdir: Path, out
         "embedding_dim": int(dim),  # every checkpoint's embedding width: checked before the merge
     }
     Manifest.from_json(archive_manifest(record, LabelEncoding(), "preflight", settings.inversion.n_vectors, dim).to_json())
-    return BuildContext(source, settings, gen, pipe, teacher, device, record, pre.files)
+    return BuildContext(source, settings, gen, pipe, teacher, device, record, pre.files, run.render_limits)
 
 
 def build_classes(ctx: BuildContext, workdir: Path, run: RunOptions) -> Workdir:
@@ -214,7 +219,7 @@ def early_check(ctx: BuildContext, c: int, name: str) -> None:
     s = ctx.settings
     init, _ = initial_vectors(ctx.pipe, ctx.source.classes[c].name, s.inversion.n_vectors, s.inversion.generic_word)
     vectors = init.cpu().numpy().astype(np.float16).astype(np.float32)  # as the archive would store it
-    regen = Regenerator(ctx.generator, vectors[None], RenderOptions(device=ctx.device, dtype=ctx.generator.dtype))
+    regen = Regenerator(ctx.generator, vectors[None], ctx.render_options())
     agreement, top = early_domain_check(regen, c, class_seeds(s.seed, c, EARLY_RENDERS), ctx.teacher, s.grid, ctx.device)
     if agreement < LOW_AGREEMENT_FLOOR:
         log.warning("class %s: before inversion, the teacher takes %.0f%% of the patches of %d renders of the class "
@@ -250,7 +255,8 @@ def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     candidates = class_seeds(s.seed, c, s.ipc * s.seed_candidates)
     scorer = None if not s.inversion.render_every else render_scorer(
-        gen, teacher, c, scoring_seeds(s.seed, c, s.inversion.render_images, exclude=candidates), s.grid, device)
+        gen, teacher, c, scoring_seeds(s.seed, c, s.inversion.render_images, exclude=candidates), s.grid,
+        ctx.render_options())
     vectors, _, inversion = invert_class_token(ctx.pipe, collages, info.name, gen.prompt_template, gen.placeholder,
                                                s.inversion, g, val_g, render_score=scorer)
     times["invert"] = time.perf_counter() - t0
@@ -258,7 +264,7 @@ def build_class(ctx: BuildContext, c: int) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     # the archive stores fp16 vectors: label exactly what a consumer will render from them
     vectors = vectors.astype(np.float16).astype(np.float32)
-    regen = Regenerator(gen, vectors[None], RenderOptions(device=device, dtype=gen.dtype))
+    regen = Regenerator(gen, vectors[None], ctx.render_options())
     seeds = choose_seeds(regen, 0, c, candidates, s.ipc, teacher, s.grid, device)
     probs, prints, _ = render_and_label(regen, 0, seeds, teacher, s.grid, s.temperature, s.fingerprint_size, device)
     times["label"] = time.perf_counter() - t0

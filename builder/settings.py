@@ -34,6 +34,7 @@ from d3mfmt import D3MError
 from d3mfmt.modelpin import check_variant
 from d3mfmt.models import BUILTIN_MODELS
 from d3mfmt.render import DTYPE_NAMES
+from d3mfmt.renderable import RenderLimits
 
 from .inversion import NORM_CONTROL, TIMESTEP_SAMPLING, InversionSettings
 from .patches import PatchSettings
@@ -85,6 +86,9 @@ class RunOptions:
             this fraction (checked once, when the archive is written; a shard records and reports
             its classes below it and goes on); ``None``: only warn.
         progress: show a progress bar over the classes.
+        render_limits: the render cost the build accepts (``d3mfmt.RenderLimits``). ``None``: a default
+            reader's, so the archive renders for anyone; lifted (``--trust-render-cost``), settings
+            over them are built with a warning, and the archive's readers need the same trust.
     """
 
     shard: tuple[int, int] = (0, 1)
@@ -93,6 +97,7 @@ class RunOptions:
     check_order: bool = True
     min_agreement: float | None = None
     progress: bool = True
+    render_limits: RenderLimits | None = None
 
 
 def demo_settings(**overrides) -> BuildSettings:
@@ -149,6 +154,8 @@ def check_settings(s: BuildSettings, run: RunOptions = RunOptions()) -> None:
         (0 <= run.shard[0] < run.shard[1], f"--shard {run.shard[0]}/{run.shard[1]}: need 0 <= i < n"),
         (run.dtype is None or run.dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, "
                                                          f"got {run.dtype!r}"),
+        (run.render_limits is None or isinstance(run.render_limits, RenderLimits),
+         f"RunOptions.render_limits must be a d3mfmt.RenderLimits or None, got {run.render_limits!r}"[:300]),
     ]
     for ok, message in checks:
         if not ok:

@@ -23,7 +23,7 @@ from .downloads import DownloadLimits
 from .errors import D3MError, D3MFormatError
 from .labels import MAX_LABEL_PAYLOAD, MAX_LABEL_TABLE
 from .render import DTYPE_NAMES, RenderOptions
-from .renderable import RenderLimits
+from .renderable import UNBOUNDED, RenderLimits
 from .summary import check as check_archive, render_text, summarize, summary_json
 from .terminal import printable
 from .verify import DEFAULT_TOLERANCE
@@ -111,7 +111,7 @@ class _Group(click.Group):
 _Group.group_class = _Group
 
 
-TRUSTED = RenderLimits(evaluations=None, latent_pixels=None, per_image=None, total=None)  # --trust-render-cost
+TRUSTED = UNBOUNDED  # --trust-render-cost
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,9 @@ def render_cost(generator, num_images: int) -> RenderCost:
     return RenderCost(evaluations, latent_pixels, per_image, per_image * num_images)
 
 
+UNBOUNDED = RenderLimits(evaluations=None, latent_pixels=None, per_image=None, total=None)  # a trusted archive
+
+
 def limits_for(generator) -> RenderLimits:
     """The default limits for ``generator``'s model: a built-in's own, else ``DEFAULT_RENDER_LIMITS``."""
     geometry = builtin_geometry(generator.model.id)

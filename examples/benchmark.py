@@ -91,6 +91,7 @@ class Entry:
     bytes_soft: int
     bytes_hard: int
     seed: int | None = None  # a random subset drawn for this student seed only
+    render: object = None  # an archive's D3MDataset(render=...) (ArchiveSpec.render)
 
 
 def archive_specs(plan: Plan) -> list[ArchiveSpec]:
@@ -101,7 +102,7 @@ def archive_specs(plan: Plan) -> list[ArchiveSpec]:
     specs += [ArchiveSpec("d3m", k, **inv) for k in sorted(plan.archive_ipcs, reverse=True)]
     specs += [ArchiveSpec("word", k, ti_steps=0) for k in sorted(plan.word_ipcs, reverse=True)]
     specs += [ArchiveSpec("d3m", a, **inv), ArchiveSpec("grid1", a, grid=1, **inv),
-              ArchiveSpec("single", 4 * a, grid=1, **inv), ArchiveSpec("grid3", a, grid=3, resolution=48, **inv)]
+              ArchiveSpec("single", 4 * a, grid=1, **inv), ArchiveSpec("grid3", a, grid=3, resolution=96, trust_render_cost=True, **inv)]
     return list(dict.fromkeys(specs))
 
 
@@ -131,7 +132,7 @@ def plan_jobs(plan: Plan, entries: list[Entry], cfg: TrainConfig, cache_dir: Pat
     def runs(entry, protocols, students):
         seeds = plan.seeds if entry.seed is None else (entry.seed,)
         protocols = [p for p in protocols if not (entry.method == "full" and p == "stored")]
-        return [(entry, Job(entry.kind, entry.path, p, st, s, cfg, str(cache_dir)))
+        return [(entry, Job(entry.kind, entry.path, p, st, s, cfg, str(cache_dir), render=entry.render))
                 for p in protocols for st in students for s in seeds]
 
     main = {"d3m", "word", "random", "rded", "full"}
@@ -172,7 +173,8 @@ def run_everything(plan: Plan, out: Path, cfg: TrainConfig, workers: int, build:
 
     def archive_ready(spec: ArchiveSpec):
         def then(built: dict) -> None:
-            entry = Entry(spec.method, spec.ipc, "archive", built["path"], built["bytes_soft"], built["bytes_hard"])
+            entry = Entry(spec.method, spec.ipc, "archive", built["path"], built["bytes_soft"], built["bytes_hard"],
+                          render=spec.render())
             new = plan_jobs(plan, [entry], cfg, cache_dir)
             pairs.extend(new)
             for student_first in (True, False):  # ConvNet-3 runs of a finished archive come before everything else
@@ -212,7 +214,7 @@ def real_rank(entry: Entry, head: int) -> int:
 
 def cached_pairs(plan: Plan, out: Path, cfg: TrainConfig) -> list[tuple[Entry, Job]]:
     """--report-only: the planned runs whose data and accuracy are already under OUT."""
-    entries = [Entry(s.method, s.ipc, "archive", b["path"], b["bytes_soft"], b["bytes_hard"])
+    entries = [Entry(s.method, s.ipc, "archive", b["path"], b["bytes_soft"], b["bytes_hard"], render=s.render())
                for s in archive_specs(plan) if (b := existing(s, out)) is not None]
     entries += real_entries(plan, out, builder.load_teacher("mnist-cnn"))
     return [p for p in plan_jobs(plan, entries, cfg, out / "pixels") if cached_accuracy(p[1], out / "results") is not None]
@@ -239,10 +241,15 @@ def main() -> None:
     pairs = cached_pairs(plan, out, cfg) if args.report_only else \
         run_everything(plan, out, cfg, args.jobs, build=not args.no_build)
     accs = [cached_accuracy(job, out / "results") for _, job in pairs]
-    rows = [r for r in collect_rows(pairs, accs) if len(r.seeds) == len(plan.seeds)]
+    rows, incomplete = [], []  # a row lacking a seed stays out of every table, and is named
+    for r in collect_rows(pairs, accs):
+        (rows if len(r.seeds) == len(plan.seeds) else incomplete).append(r)
+    for r in incomplete:
+        log.warning("left out of the tables: %s IPC %s %s %s has %d of %d seeds", r.method, r.ipc, r.protocol,
+                    r.student, len(r.seeds), len(plan.seeds))
     seconds = {"total": round(time.perf_counter() - start), "report_only": args.report_only}
     command = " ".join(["python", "examples/benchmark.py", *sys.argv[1:]])
-    write_report(rows, plan, cfg, storage_notes(), seconds, out, command)
+    write_report(rows, plan, cfg, storage_notes(), seconds, out, command, incomplete=incomplete)
     print((out / "benchmark.md").read_text())
     log.info("total %.0fs", time.perf_counter() - start)
 

@@ -311,6 +311,32 @@ def test_settings_whose_archive_readers_refuse_are_refused_before_any_data(image
     assert not out.exists() and not (tmp_path / "x.d3m.work").exists()
 
 
+def test_trust_render_cost_builds_what_default_readers_refuse_and_its_readers_need_the_same_trust(image_folder,
+                                                                                                   tmp_path, caplog):
+    from d3mfmt import D3MDataset, RenderOptions
+    from d3mfmt.cli import inspect_main as inspect
+    from d3mfmt.renderable import UNBOUNDED
+
+    out = tmp_path / "grid3.d3m"
+    # a 3x3 grid of the built-in model's 32-px patches: 96 px, 24x24 latents, over its readers' 16x16 (64 px)
+    args = [str(image_folder), "-o", str(out), "--model", "d3m/tiny-mnist", "--teacher", "tiny_teacher:build_teacher",
+            "--grid", "3", "--resolution", "96", "--ipc", "1", "--steps", "2", "--ti-steps", "2", "--device", "cpu"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "asks 576 latent pixels per image" in refused.stderr, refused.output
+    assert "build it anyway with --trust-render-cost" in refused.stderr and not out.exists()
+    built = CliRunner().invoke(main, [*args, "--trust-render-cost"])
+    assert built.exit_code == 0, built.output
+    assert "readers refuse it unless told to trust its render cost" in caplog.text
+    with pytest.raises(d3mfmt.D3MFormatError, match="576 latent pixels per image"):
+        d3mfmt.load_file(out)
+    assert d3mfmt.load_file(out, render_limits=UNBOUNDED).manifest.generator.height == 96
+    assert CliRunner().invoke(inspect, ["check", str(out)]).exit_code != 0
+    assert CliRunner().invoke(inspect, ["check", str(out), "--trust-render-cost"]).exit_code == 0
+    ds = D3MDataset(out, cache_dir=tmp_path / "cache", render=RenderOptions(device="cpu", limits=UNBOUNDED))
+    image, soft, _ = ds[0]
+    assert len(ds) == 3 * 9 and image.shape == (3, 32, 32) and abs(float(soft.sum()) - 1) < 1e-3
+
+
 # -- 7. guards that see pile-ups -----------------------------------------------------------------------------------
 
 def one_hot(predictions, num_classes=5):

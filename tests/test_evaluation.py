@@ -17,7 +17,7 @@ from evaluation import metrics  # noqa: E402
 from evaluation.baselines import RealSet, random_subset_indices  # noqa: E402
 from evaluation.builder_adapter import mnist_source_info  # noqa: E402
 from evaluation.heldout import builtin_mnist_problem, heldout_for, match_folders  # noqa: E402
-from evaluation.protocols import evaluate, random_resized_crop  # noqa: E402
+from evaluation.protocols import CROP_SCALE, crop_boxes, evaluate, random_resized_crop  # noqa: E402
 from evaluation.report import Row, budget_table, ddranking  # noqa: E402
 from evaluation.students import STUDENTS, make_student  # noqa: E402
 
@@ -156,8 +156,10 @@ def test_random_resized_crop_is_seeded_and_stays_inside_the_image():
     a, b = (random_resized_crop(x, torch.Generator().manual_seed(1)) for _ in range(2))
     assert a.shape == x.shape and torch.equal(a, b)
     assert not torch.equal(a, random_resized_crop(x, torch.Generator().manual_seed(2)))
-    flat = torch.full((4, 3, 32, 32), 0.25)  # a crop of a constant image is that constant (no padding enters)
-    assert torch.allclose(random_resized_crop(flat, torch.Generator().manual_seed(0)), flat)
+    w, h, cx, cy = crop_boxes(10_000, torch.Generator().manual_seed(0))  # every box inside the image
+    assert bool(((cx.abs() + w <= 1 + 1e-6) & (cy.abs() + h <= 1 + 1e-6)).all())
+    area = w * h  # the documented area range (where the side clamp to 1 does not cut it)
+    assert area.min() >= CROP_SCALE[0] - 1e-6 and area.max() <= CROP_SCALE[1] + 1e-6 and area.std() > 0.1
 
 
 def test_random_subsets_and_real_sets_round_trip(tmp_path):
@@ -189,6 +191,7 @@ def test_quick_benchmark_writes_every_table(tmp_path):
         assert {(method, p, "convnet3") for p in ("stored", "teacher", "hard")} <= seen, method
         assert {(method, "stored", s) for s in ("resnet8", "mlp", "vit")} <= seen, method
     assert {("full", "hard", "convnet3"), ("grid1", "stored", "convnet3"), ("grid3", "teacher", "convnet3")} <= seen
+    assert doc["incomplete"] == [] and len(doc["rows"]) == 38  # the quick plan's 38 (method, IPC, protocol, student) rows
     assert all(len(r["accs"]) == 2 and 0 <= r["mean"] <= 1 and r["bytes"] > 0 for r in doc["rows"])
     assert doc["ddranking"] and doc["storage"]["generator_bytes"] > 1_000_000
     md = (tmp_path / "benchmark.md").read_text()

@@ -12,6 +12,7 @@ from builder.patches import make_collages
 from builder.settings import demo_settings, resolve_settings
 from builder.sources import MnistSource
 from builder.teachers import resolve_teacher
+from d3mfmt import RenderOptions
 from d3mfmt.generator import shared_pipeline
 from d3mfmt.modelpin import model_files, model_identity
 from d3mfmt.models import resolve_model
@@ -25,7 +26,7 @@ def test_a_run_whose_late_vectors_render_worse_keeps_the_earlier_one():
     gen = generator_info(s, pipe, model_files(path), "float32")
     teacher, _ = resolve_teacher("mnist-cnn")
     collages = make_collages(MnistSource("train").images(7, side=32, limit=16), 2)
-    score = render_scorer(gen, teacher, 7, scoring_seeds(0, 7, 4, exclude=[]), 2, "cpu")
+    score = render_scorer(gen, teacher, 7, scoring_seeds(0, 7, 4, exclude=[]), 2, RenderOptions(device="cpu", dtype=gen.dtype))
     settings = InversionSettings(steps=20, lr=3e-2, batch=4, val_size=8, val_every=5, render_every=5, render_images=4)
     vectors, _, stats = invert_class_token(pipe, collages, "seven", gen.prompt_template, gen.placeholder, settings,
                                            torch.Generator().manual_seed(1), torch.Generator().manual_seed(2),

@@ -48,10 +48,11 @@ def settings_record(settings) -> str:
     return json.dumps(resolved.to_json(), sort_keys=True)
 
 
-def build_demo_archive(settings, out: Path, workdir: Path) -> Path:
-    """Build the MNIST train split into ``out`` (checkpoints in ``workdir``; an interrupted build resumes)."""
+def build_demo_archive(settings, out: Path, workdir: Path, render_limits=None) -> Path:
+    """Build the MNIST train split into ``out`` (checkpoints in ``workdir``; an interrupted build resumes;
+    ``render_limits``: ``RunOptions.render_limits``)."""
     build_archive(MnistSource("train"), settings, Path(out), labels=label_encoding(), workdir=Path(workdir),
-                  run=RunOptions(device="cpu", progress=False))
+                  run=RunOptions(device="cpu", progress=False, render_limits=render_limits))
     return Path(out)
 
 

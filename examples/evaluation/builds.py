@@ -30,6 +30,14 @@ class ArchiveSpec:
     resolution: int | None = None  # None: the built-in model's default for the grid
     ti_steps: int | None = None  # None: the model's default; 0: the class word
     ti_batch: int | None = None
+    trust_render_cost: bool = False  # over a default reader's render bounds: built and read with them lifted
+
+    def render(self):
+        """How the benchmark renders this archive (``D3MDataset(render=...)``)."""
+        from d3mfmt import RenderOptions
+        from d3mfmt.renderable import UNBOUNDED
+
+        return RenderOptions(limits=UNBOUNDED if self.trust_render_cost else None)
 
     def settings(self):
         return builder.demo_build_settings(self.ipc, self.grid, self.resolution, self.ti_steps, self.ti_batch)
@@ -48,11 +56,11 @@ def build_one(spec: ArchiveSpec, root: Path, cache_dir: Path) -> dict:
     soft, hard = folder / "archive.d3m", folder / "archive.hard.d3m"
     start = time.perf_counter()
     if not soft.is_file():
-        builder.build_demo_archive(spec.settings(), soft, folder / "work")
+        builder.build_demo_archive(spec.settings(), soft, folder / "work", spec.render().limits)
     if not hard.is_file():
         builder.write_label_variant(folder / "work", hard, "hard")
     built = time.perf_counter()
-    D3MDataset(soft, cache_dir=cache_dir).materialize(progress=False)
+    D3MDataset(soft, cache_dir=cache_dir, render=spec.render()).materialize(progress=False)
     log.info("%s: build %.0fs, consumer render %.0fs", folder.name, built - start, time.perf_counter() - built)
     return {"path": str(soft), "bytes_soft": soft.stat().st_size, "bytes_hard": hard.stat().st_size}
 

@@ -62,15 +62,22 @@ CROP_SCALE = (0.5, 1.0)  # crop area as a fraction of the image (the builder's p
 CROP_RATIO = (3 / 4, 4 / 3)  # crop aspect ratio; no flips: digits are not mirror-symmetric
 
 
-def random_resized_crop(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """One random resized crop per image (area ~ U(CROP_SCALE), log-aspect ~ U(log CROP_RATIO)), same size out."""
-    n = len(x)
+def crop_boxes(n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """``n`` random crop boxes ``(w, h, cx, cy)``: width and height as fractions of the image side (area ~
+    U(CROP_SCALE), log-aspect ~ U(log CROP_RATIO)), centre in [-1, 1] coordinates with the box inside the image."""
     area = torch.empty(n).uniform_(*CROP_SCALE, generator=g)
     aspect = torch.exp(torch.empty(n).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=g))
-    w = torch.sqrt(area * aspect).clamp(max=1.0)  # crop width and height as fractions of the image side
+    w = torch.sqrt(area * aspect).clamp(max=1.0)
     h = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)  # centre, in [-1, 1] coordinates, crop inside the image
+    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
+    return w, h, cx, cy
+
+
+def random_resized_crop(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One random resized crop per image (``crop_boxes``), resampled to the input size."""
+    n = len(x)
+    w, h, cx, cy = crop_boxes(n, g)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

@@ -18,7 +18,7 @@ METHOD_NAMES = {
     "rded": "real-patch collages (RDED-style)",
     "full": "full train split",
     "grid1": ".d3m, grid 1x1",
-    "grid3": ".d3m, grid 3x3 (48-px images: 16-px patches)",
+    "grid3": ".d3m, grid 3x3 (96 px, --trust-render-cost)",
     "single": ".d3m, single images (grid 1x1, 4x IPC)",
 }
 CURVES = ("d3m", "word", "random", "rded")  # the equal-storage methods
@@ -151,8 +151,8 @@ def ddranking(rows) -> tuple[list[str], list[dict]]:
     return lines, records
 
 
-def write_report(rows, plan, cfg, storage: dict, seconds: dict, out: Path, command: str) -> None:
-    """OUT/benchmark.md, OUT/benchmark.json and OUT/benchmark.png."""
+def write_report(rows, plan, cfg, storage: dict, seconds: dict, out: Path, command: str, incomplete=()) -> None:
+    """OUT/benchmark.md, OUT/benchmark.json and OUT/benchmark.png (``incomplete``: rows left out, a seed missing)."""
     budget_lines, budget_records = budget_table(rows, plan.budgets)
     dd_lines, dd_records = ddranking(rows)
     md = [f"Command: `{command}`; {cfg.steps} steps of batch {cfg.batch}, seeds {list(plan.seeds)}, "
@@ -166,9 +166,14 @@ def write_report(rows, plan, cfg, storage: dict, seconds: dict, out: Path, comma
           *dd_lines, "",
           f"Once per consumer: the generator {storage['generator']} is {storage['generator_bytes']:,} bytes of files; "
           f"the `teacher` protocol also needs the teacher {storage['teacher']} ({storage['teacher_bytes']:,} bytes)."]
+    if incomplete:
+        md += ["", "Left out of every table (a seed not trained yet): " + "; ".join(
+            f"{r.method} IPC {r.ipc} {r.protocol} {r.student} ({len(r.seeds)} of {len(plan.seeds)} seeds)"
+            for r in incomplete) + "."]
     (out / "benchmark.md").write_text("\n".join(md) + "\n")
     doc = {"command": command, "plan": asdict(plan), "train": asdict(cfg), "seconds": seconds, "storage": storage,
-           "rows": [r.to_json() for r in rows], "budgets": budget_records, "ddranking": dd_records}
+           "rows": [r.to_json() for r in rows], "incomplete": [r.to_json() for r in incomplete],
+           "budgets": budget_records, "ddranking": dd_records}
     (out / "benchmark.json").write_text(json.dumps(doc, indent=1))
     plot(rows, out / "benchmark.png")
 
@@ -203,7 +208,11 @@ def plot(rows, path: Path) -> None:
         ax.set_xlabel("bytes stored (log scale)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("held-out accuracy (%), ConvNet-3")
-    axes[0].legend(fontsize=7, loc="lower right")
+    legend = {}  # every panel's curves in one legend (the full split has no stored-label row)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[0].legend(legend.values(), legend.keys(), fontsize=7, loc="lower right")
     fig.suptitle("MNIST: student accuracy against storage (numbers: IPC)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

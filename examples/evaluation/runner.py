@@ -31,6 +31,7 @@ class Job:
     cfg: object  # protocols.TrainConfig (seed replaced by ``seed``)
     cache_dir: str  # D3MDataset pixel cache
     teacher: str = "mnist-cnn"
+    render: object = None  # D3MDataset(render=...) for an archive (None: the reader's defaults)
 
 
 def file_digest(path: str | Path, _memo: dict = {}) -> str:  # noqa: B006 - a per-process memo by design
@@ -64,7 +65,7 @@ def init_worker(examples_dir: str) -> None:
 
 def run_job(job: Job) -> float:
     """Train one student and return its held-out accuracy (a fraction)."""
-    from d3mfmt import D3MDataset
+    from d3mfmt import D3MDataset, RenderOptions
 
     from .baselines import RealSet
     from .builder_adapter import resolve_teacher
@@ -74,7 +75,7 @@ def run_job(job: Job) -> float:
     if job.teacher not in _STATE:
         _STATE[job.teacher] = resolve_teacher(job.teacher)[0]
     if job.kind == "archive":
-        dataset = D3MDataset(job.path, cache_dir=job.cache_dir)
+        dataset = D3MDataset(job.path, cache_dir=job.cache_dir, render=job.render or RenderOptions())
         manifest = dataset.archive.manifest
         side = manifest.generator.height // manifest.dataset.grid
     else:
