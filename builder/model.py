@@ -17,7 +17,7 @@ import json
 import logging
 import re
 
-from d3mfmt import D3MError, GeneratorInfo, ModelRef
+from d3mfmt import D3MError, GeneratorInfo, ModelRef, RenderLimits
 from d3mfmt.errors import D3MModelError
 from d3mfmt.cpucost import cpu_cost_message
 from d3mfmt.generator import applied_scheduler_config, shared_pipeline
@@ -84,13 +84,13 @@ def generator_info(s: BuildSettings, pipe, files: ModelFiles, dtype: str) -> Gen
     )
 
 
-def check_build_render_cost(gen: GeneratorInfo, num_images: int, pipe, limits=None) -> None:
+def check_build_render_cost(gen: GeneratorInfo, num_images: int, pipe, limits: RenderLimits | None = None) -> None:
     """Refuse settings whose archive readers would refuse by default (SPEC "Render cost"), before any data is read.
 
     With ``limits`` (``RunOptions.render_limits``, lifted by ``--trust-render-cost``) such settings are
     checked against those instead and built with a warning: every reader then needs the same trust.
     """
-    from d3mfmt.renderable import RenderLimits, check_cost
+    from d3mfmt.renderable import check_cost
 
     try:
         check_cost(gen, num_images, RenderLimits.for_model(pipe.unet.config.sample_size), limit_of="a default reader")

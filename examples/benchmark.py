@@ -102,7 +102,9 @@ def archive_specs(plan: Plan) -> list[ArchiveSpec]:
     specs += [ArchiveSpec("d3m", k, **inv) for k in sorted(plan.archive_ipcs, reverse=True)]
     specs += [ArchiveSpec("word", k, ti_steps=0) for k in sorted(plan.word_ipcs, reverse=True)]
     specs += [ArchiveSpec("d3m", a, **inv), ArchiveSpec("grid1", a, grid=1, **inv),
-              ArchiveSpec("single", 4 * a, grid=1, **inv), ArchiveSpec("grid3", a, grid=3, resolution=96, trust_render_cost=True, **inv)]
+              ArchiveSpec("single", 4 * a, grid=1, **inv),
+              # 3x3 of the 32-px patch: 96 px, over a default reader's render bound for the built-in model
+              ArchiveSpec("grid3", a, grid=3, resolution=96, trust_render_cost=True, **inv)]
     return list(dict.fromkeys(specs))
 
 
