@@ -72,7 +72,7 @@ class Plan:
     budgets: tuple[int, ...] = (5_000, 10_000, 30_000, 100_000)
 
 
-FULL = Plan(archive_ipcs=(1, 10, 50), word_ipcs=(1, 10, 50), real_ipcs=(1, 2, 5, 10, 50), rded_ipcs=(1, 10, 50),
+FULL = Plan(archive_ipcs=(1, 10, 50, 100), word_ipcs=(1, 10, 50), real_ipcs=(1, 2, 5, 10, 50), rded_ipcs=(1, 10, 50),
             cross_ipc=10, cross_students=("resnet8", "mlp", "vit"), cross_protocols=("stored", "teacher"), ablation_ipc=10,
             seeds=(0, 1, 2), steps=300)
 QUICK = Plan(archive_ipcs=(1, 2), word_ipcs=(1,), real_ipcs=(1, 2), rded_ipcs=(1,), cross_ipc=1,
