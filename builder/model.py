@@ -87,11 +87,14 @@ def generator_info(s: BuildSettings, pipe, files: ModelFiles, dtype: str) -> Gen
 def check_build_render_cost(gen: GeneratorInfo, num_images: int, pipe, limits: RenderLimits | None = None) -> None:
     """Refuse settings whose archive readers would refuse by default (SPEC "Render cost"), before any data is read.
 
-    With ``limits`` (``RunOptions.render_limits``, lifted by ``--trust-render-cost``) such settings are
-    checked against those instead and built with a warning: every reader then needs the same trust.
+    With ``limits`` (``RunOptions.render_limits``, lifted by ``--trust-render-cost``) the settings are
+    checked against those before any data is read, and settings over a default reader's bounds are
+    built with a warning: every reader then needs the same trust.
     """
     from d3mfmt.renderable import check_cost
 
+    if limits is not None:  # the build's own limits bind first, tighter or looser than a default reader's
+        check_cost(gen, num_images, limits, limit_of="the build's render limits")
     try:
         check_cost(gen, num_images, RenderLimits.for_model(pipe.unet.config.sample_size), limit_of="a default reader")
     except D3MError as err:
@@ -100,7 +103,6 @@ def check_build_render_cost(gen: GeneratorInfo, num_images: int, pipe, limits: R
             raise D3MError(f"these settings make an archive that readers refuse by default: it asks {reason}; "
                            "lower --steps, --resolution or --ipc (or use fewer classes), or build it anyway with "
                            "--trust-render-cost (its readers then need --trust-render-cost too)") from None
-        check_cost(gen, num_images, limits, limit_of="the build's render limits")
         log.warning("this archive asks %s: readers refuse it unless told to trust its render cost "
                     "(d3m-inspect --trust-render-cost, RenderOptions(limits=d3mfmt.RenderLimits(...)))", reason)
 

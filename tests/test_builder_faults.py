@@ -337,6 +337,21 @@ def test_trust_render_cost_builds_what_default_readers_refuse_and_its_readers_ne
     assert len(ds) == 3 * 9 and image.shape == (3, 32, 32) and abs(float(soft.sum()) - 1) < 1e-3
 
 
+def test_render_limits_tighter_than_a_default_readers_stop_the_build_before_any_data(image_folder, tmp_path):
+    from builder.labeloptions import label_encoding
+    from builder.pipeline import build_archive
+    from builder.settings import BuildSettings, RunOptions
+    from d3mfmt.renderable import RenderLimits
+
+    # 20 guided DDIM steps: 40 UNet evaluations per image, within a default reader's 400, over these 10
+    settings = BuildSettings(model="d3m/tiny-mnist", teacher="tiny_teacher:build_teacher", ipc=1)
+    out = tmp_path / "x.d3m"
+    with pytest.raises(D3MError, match="asks 40 UNet evaluations per image.*over the build's render limits"):
+        build_archive(ImageFolderSource(image_folder), settings, out, labels=label_encoding(),
+                      run=RunOptions(device="cpu", progress=False, render_limits=RenderLimits(evaluations=10)))
+    assert not out.exists() and not (tmp_path / "x.d3m.work" / "preflight.json").exists()
+
+
 # -- 7. guards that see pile-ups -----------------------------------------------------------------------------------
 
 def one_hot(predictions, num_classes=5):
